@@ -1,0 +1,190 @@
+"""Configuration of the sidecar agent (docs/configuration-agent.md is generated from it).
+
+The dataclasses declare every key with its default, allowed range and documentation;
+`load_config` adds the checks that span keys (endpoint syntax, TLS pairs, the refusal to
+listen on a non-loopback address), so a bad setting fails at start with the key named.
+
+Run `python -m agent.config` to print the reference table for the docs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.typedconfig import ConfigError, load, option, reference
+
+MiB = 1 << 20
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class MetricsConfig:
+    host: str = option("127.0.0.1", doc="Address the Prometheus /metrics HTTP server listens on.")
+    port: int = option(9477, range=(0, 65535), doc="TCP port of the /metrics server; 0 picks any free port.")
+    certfile: str | None = option(None, doc="PEM certificate: serve /metrics over HTTPS (needs `metrics.keyfile` too).")
+    keyfile: str | None = option(None, doc="PEM private key for `metrics.certfile`.")
+
+
+@dataclass
+class HistoryConfig:
+    steps: int = option(1024, range=(16, 1_000_000), doc="Length of the per run/rank ring buffer, in messages (steps).")
+    max_matrix_bytes: int = option(
+        16 * MiB,
+        range=(1024, 1 << 34),
+        doc="Memory budget of the per-tensor statistics ring of one run/rank, in bytes: it keeps "
+        "min(history.steps, budget / bytes per message) messages, and at least the latest one.",
+    )
+
+
+@dataclass
+class LimitsConfig:
+    max_message_bytes: int = option(
+        16 * MiB,
+        range=(1024, 1 << 30),
+        doc="Largest accepted message (all frames), in bytes; larger ones are rejected as "
+        "`oversized`. A frame over twice this size makes ZeroMQ drop the sending peer.",
+    )
+    max_series: int = option(
+        256,
+        range=(1, 100_000),
+        doc="Run/rank pairs tracked at once; a new pair beyond this evicts the least recently "
+        "updated one (logged). Also bounds the cache of decoded layouts.",
+    )
+    max_scalar_names: int = option(
+        64,
+        range=(0, 10_000),
+        doc="Scalar names per run/rank kept and exported as `sentinel_observed_value`, besides "
+        "loss, grad_norm, step_duration_seconds and lr; further names are ignored (logged once).",
+    )
+
+
+@dataclass
+class ExportConfig:
+    max_tensors_per_stat: int = option(
+        256,
+        range=(1, 1_000_000),
+        doc="Tensors exported per statistic and run/rank: if a run has more, only the ones with "
+        "the largest values (NaN counts as largest) are exported.",
+    )
+    max_stats: int = option(
+        32,
+        range=(1, 1024),
+        doc="Per-tensor statistics exported per run/rank, in layout order; further ones are kept "
+        "in history but not exported.",
+    )
+
+
+@dataclass
+class SecurityConfig:
+    allow_insecure_remote: bool = option(
+        False,
+        doc="Allow `stats_endpoint` and `metrics.host` on a non-loopback address. Neither "
+        "channel is authenticated yet, so keep this false unless the network is trusted.",
+    )
+
+
+@dataclass
+class AgentConfig:
+    stats_endpoint: str = option(
+        "tcp://127.0.0.1:5557",
+        doc="ZeroMQ endpoint the agent binds its PULL socket to (`tcp://HOST:PORT` or "
+        "`ipc://PATH`); PORT may be `*` or 0 for any free port.",
+    )
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    log_level: str = option("info", choices=LOG_LEVELS, doc="Verbosity of the agent's log on stderr.")
+
+
+_TCP = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^:/\[\]]+):(?P<port>\*|\d+)$")
+
+
+def parse_tcp_endpoint(endpoint: str) -> tuple[str, int | None]:
+    """(host, port) of `tcp://HOST:PORT`; port None means any free port (`*` or 0)."""
+    m = _TCP.match(endpoint)
+    if not m:
+        raise ValueError(f"{endpoint!r} is not tcp://HOST:PORT")
+    port = m["port"]
+    if port == "*" or int(port) == 0:
+        return m["host"], None
+    if int(port) > 65535:
+        raise ValueError(f"port {port} is out of range")
+    return m["host"], int(port)
+
+
+def bind_endpoint(endpoint: str) -> str:
+    """The endpoint as ZeroMQ should bind it: `:0` written as `:*`."""
+    if endpoint.startswith("tcp://"):
+        host, port = parse_tcp_endpoint(endpoint)
+        return f"tcp://{host}:{'*' if port is None else port}"
+    return endpoint
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IPs; False for wildcards, other IPs and unresolved names."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate(cfg: AgentConfig) -> AgentConfig:
+    """Checks that involve more than one value or parse a string; raises ConfigError."""
+    ep = cfg.stats_endpoint
+    if ep.startswith("tcp://"):
+        try:
+            host, _ = parse_tcp_endpoint(ep)
+        except ValueError as exc:
+            raise ConfigError(f"stats_endpoint: {exc}; allowed: tcp://HOST:PORT or ipc://PATH") from None
+        if not cfg.security.allow_insecure_remote and not is_loopback(host):
+            raise ConfigError(
+                f"stats_endpoint: {ep!r} is not a loopback address; the statistics channel is not "
+                "authenticated, set security.allow_insecure_remote: true to allow it"
+            )
+    elif not (ep.startswith("ipc://") and len(ep) > len("ipc://")):
+        raise ConfigError(f"stats_endpoint: {ep!r} is not allowed; allowed: tcp://HOST:PORT or ipc://PATH")
+    if not cfg.security.allow_insecure_remote and not is_loopback(cfg.metrics.host):
+        raise ConfigError(
+            f"metrics.host: {cfg.metrics.host!r} is not a loopback address; /metrics is not "
+            "authenticated, set security.allow_insecure_remote: true to allow it"
+        )
+    if (cfg.metrics.certfile is None) != (cfg.metrics.keyfile is None):
+        missing = "metrics.keyfile" if cfg.metrics.keyfile is None else "metrics.certfile"
+        raise ConfigError(f"{missing}: required when the other of metrics.certfile/metrics.keyfile is set")
+    return cfg
+
+
+def load_config(source: str | Path | dict | AgentConfig | None = None, **overrides: Any) -> AgentConfig:
+    """AgentConfig from a YAML path, dict, instance or None, with dotted-key overrides, validated."""
+    return validate(load(AgentConfig, source, **overrides))
+
+
+def as_dict(cfg: AgentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def reference_markdown() -> str:
+    """The reference table of every key, as it appears in docs/configuration-agent.md."""
+    lines = ["| Key | Allowed | Default | Meaning |", "|---|---|---|---|"]
+    for key, allowed, default, doc in reference(AgentConfig):
+        lines.append(f"| `{key}` | {_cell(allowed)} | `{json.dumps(default)}` | {_cell(doc)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -1,0 +1,294 @@
+"""Prometheus exposition of the agent state (docs/metrics.md lists every family).
+
+A custom Collector builds the families at scrape time from a snapshot of the state, so
+series that left the history leave /metrics too, and nothing is kept twice.  Cardinality is
+bounded by config: run/rank pairs by ``limits.max_series``, scalar names by
+``limits.max_scalar_names``, statistics by ``export.max_stats`` and tensors per statistic
+by ``export.max_tensors_per_stat`` (the largest values win; NaN counts as largest).
+Step numbers are values, never labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.protocol import REJECT_REASONS
+from agent.state import AgentState
+
+SERIES_LABELS = ["run", "rank"]
+PARAM_LABELS = ["run", "rank", "param"]
+
+SCALAR_FAMILIES: dict[str, tuple[str, str]] = {
+    "loss": (
+        "sentinel_loss",
+        "Training loss of the latest message (trainer scalar 'loss'; unit of the loss, e.g. nats per token).",
+    ),
+    "grad_norm": (
+        "sentinel_grad_norm",
+        "Global L2 norm of all gradients at the latest message (trainer scalar 'grad_norm'; gradient units).",
+    ),
+    "step_duration_seconds": (
+        "sentinel_step_duration_seconds",
+        "Wall time of the latest training step in seconds (trainer scalar 'step_duration_seconds').",
+    ),
+    "lr": (
+        "sentinel_learning_rate",
+        "Learning rate at the latest message (trainer scalar 'lr'; dimensionless).",
+    ),
+}
+
+STAT_FAMILIES: dict[str, tuple[str, str]] = {
+    "grad_l2": (
+        "sentinel_param_grad_l2_norm",
+        "L2 norm of the gradient of one parameter tensor (gradient units).",
+    ),
+    "grad_rms": (
+        "sentinel_param_grad_rms",
+        "Root mean square of the gradient elements of one parameter tensor (gradient units).",
+    ),
+    "param_l2": ("sentinel_param_l2_norm", "L2 norm of one parameter tensor (parameter units)."),
+    "update_l2": (
+        "sentinel_param_update_l2_norm",
+        "L2 norm of the last optimizer update dW of one parameter tensor (parameter units).",
+    ),
+    "update_ratio": (
+        "sentinel_param_update_ratio",
+        "Relative update size ||dW|| / ||W|| of one parameter tensor (dimensionless ratio).",
+    ),
+    "sqrt_v_rms": (
+        "sentinel_param_adam_sqrt_v_rms",
+        "Root mean square of Adam's bias-corrected sqrt(v_hat) for one parameter tensor (gradient units).",
+    ),
+    "sqrt_v_below_eps_fraction": (
+        "sentinel_param_adam_sqrt_v_below_eps_ratio",
+        "Fraction of elements of one parameter tensor whose sqrt(v_hat) is below Adam's eps (ratio 0..1).",
+    ),
+}
+
+# promtool's lint rules (client_golang promlint) that a generated name could break.
+_UNIT_ABBREVIATIONS = ("s", "ms", "us", "ns", "sec", "b", "kb", "mb", "gb", "tb", "pb", "m", "h", "d")
+_TYPE_NAMES = ("counter", "gauge", "histogram", "summary", "gauge_histogram")
+_BASE_UNITS = ("amperes", "bytes", "celsius", "grams", "joules", "kelvin", "meters", "metres", "seconds")
+_BASE_UNITS += ("volts",)
+_NON_BASE_UNITS = ("minutes", "hours", "days", "weeks", "kelvins", "fahrenheit", "rankine", "inches", "yards")
+_NON_BASE_UNITS += ("miles", "bits", "calories", "pounds", "ounces")
+_UNIT_PREFIXES = ("pico", "nano", "micro", "milli", "centi", "deci", "deca", "hecto", "kilo", "kibi", "mega")
+_UNIT_PREFIXES += ("mibi", "mebi", "giga", "gibi", "tera", "tebi", "peta", "pebi")
+_NON_BASE_TOKENS = frozenset(
+    [p + u for p in _UNIT_PREFIXES for u in _BASE_UNITS + _NON_BASE_UNITS] + list(_NON_BASE_UNITS)
+)
+_RESERVED_SUFFIXES = ("total", "count", "sum", "bucket")
+_BAD_TOKENS = frozenset(_UNIT_ABBREVIATIONS + _TYPE_NAMES + _RESERVED_SUFFIXES) | _NON_BASE_TOKENS
+_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_STAT_PREFIX = "sentinel_param_"
+_MAX_STAT_CHARS = 64
+
+
+def lint_problems(name: str, kind: str = "gauge") -> list[str]:
+    """Problems ``promtool check metrics`` would report for an exposed family name of ``kind``."""
+    problems = []
+    if not _NAME_RE.match(name):
+        problems.append("invalid metric name")
+    n = name.lower()
+    if kind == "counter" and not name.endswith("_total"):
+        problems.append('counter metrics should have "_total" suffix')
+    if kind != "counter" and name.endswith("_total"):
+        problems.append('non-counter metrics should not have "_total" suffix')
+    if kind != "histogram" and name.endswith("_bucket"):
+        problems.append('non-histogram metrics should not have "_bucket" suffix')
+    if kind not in ("histogram", "summary") and (name.endswith("_count") or name.endswith("_sum")):
+        problems.append("non-histogram and non-summary metrics should not have _count/_sum suffix")
+    for t in _TYPE_NAMES:
+        if f"_{t}_" in n or n.endswith(f"_{t}"):
+            problems.append(f"metric name should not include type '{t}'")
+    if re.search(r"[a-z][A-Z]", name):
+        problems.append("metric names should be written in 'snake_case' not 'camelCase'")
+    for a in _UNIT_ABBREVIATIONS:
+        if f"_{a}_" in n or n.endswith(f"_{a}"):
+            problems.append("metric names should not contain abbreviated units")
+    if any(tok in _NON_BASE_TOKENS for tok in name.split("_")):
+        problems.append("use base units")
+    return problems
+
+
+def _glue(tokens: list[str]) -> list[str]:
+    """Join each token promtool would object to onto a neighbour ('latency_ms' -> 'latencyms')."""
+    out: list[str] = []
+    pending = ""
+    for tok in tokens:
+        if tok in _BAD_TOKENS:
+            if out:
+                out[-1] += tok
+            else:
+                pending += tok
+        else:
+            out.append(pending + tok)
+            pending = ""
+    if pending:
+        out.append(pending + "stat")
+    return out
+
+
+def stat_family_name(stat: str) -> str:
+    """The metric family of a per-tensor statistic: a dedicated name for known statistics,
+    otherwise ``sentinel_param_<sanitised name>``, always a name promtool accepts."""
+    if stat in STAT_FAMILIES:
+        return STAT_FAMILIES[stat][0]
+    tokens = [t for t in re.split(r"[^a-z0-9]+", stat[:_MAX_STAT_CHARS].lower()) if t]
+    for _ in range(4):
+        glued = _glue(tokens)
+        if glued == tokens:
+            break
+        tokens = glued
+    name = _STAT_PREFIX + "_".join(tokens)
+    if not tokens or lint_problems(name):
+        digest = hashlib.blake2b(stat.encode("utf-8", "replace"), digest_size=4).hexdigest()
+        name = _STAT_PREFIX + "stat_" + digest
+    return name
+
+
+def top_k(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest values, largest first, NaN counted as largest; ties keep order."""
+    if len(values) <= k:
+        return np.arange(len(values))
+    key = np.where(np.isnan(values), np.inf, values.astype(np.float64))
+    return np.argsort(-key, kind="stable")[:k]
+
+
+def _series_families() -> dict[str, Metric]:
+    fams: dict[str, Metric] = {
+        "step": GaugeMetricFamily(
+            "sentinel_training_step",
+            "Latest training step number reported by the run/rank (steps).",
+            labels=SERIES_LABELS,
+        )
+    }
+    for scalar, (name, doc) in SCALAR_FAMILIES.items():
+        fams[scalar] = GaugeMetricFamily(name, doc, labels=SERIES_LABELS)
+    fams["observed"] = GaugeMetricFamily(
+        "sentinel_observed_value",
+        "Latest value of a trainer scalar without a dedicated metric, by scalar name (unit set by the trainer).",
+        labels=[*SERIES_LABELS, "name"],
+    )
+    fams["received_at"] = GaugeMetricFamily(
+        "sentinel_last_message_timestamp_seconds",
+        "Unix time in seconds at which the agent received the latest message of the run/rank.",
+        labels=SERIES_LABELS,
+    )
+    fams["sent"] = CounterMetricFamily(
+        "sentinel_trainer_sent_messages",
+        "Messages the trainer's publisher reports having sent (cumulative count from the header field 'sent').",
+        labels=SERIES_LABELS,
+    )
+    fams["dropped"] = CounterMetricFamily(
+        "sentinel_trainer_dropped_messages",
+        "Messages the trainer's publisher reports having dropped rather than block training "
+        "(cumulative count from the header field 'dropped').",
+        labels=SERIES_LABELS,
+    )
+    fams["nonfinite"] = CounterMetricFamily(
+        "sentinel_agent_nonfinite_values",
+        "NaN or infinite values received in scalars and per-tensor statistics of the run/rank (values).",
+        labels=SERIES_LABELS,
+    )
+    return fams
+
+
+class AgentCollector(Collector):
+    """Reads ``AgentState`` at scrape time and yields every sentinel metric family."""
+
+    def __init__(self, state: AgentState, config: AgentConfig, *, version: str = __version__):
+        self.state = state
+        self.max_tensors = config.export.max_tensors_per_stat
+        self.max_stats = config.export.max_stats
+        self.version = version
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.state.snapshot()
+        fams = _series_families()
+        stat_fams: dict[str, GaugeMetricFamily] = {
+            name: GaugeMetricFamily(name, doc, labels=PARAM_LABELS) for name, doc in STAT_FAMILIES.values()
+        }
+        owner = {name: stat for stat, (name, _) in STAT_FAMILIES.items()}
+        for s in snap.series:
+            lv = [s.run, str(s.rank)]
+            fams["step"].add_metric(lv, s.step)
+            fams["received_at"].add_metric(lv, s.received_at)
+            fams["sent"].add_metric(lv, s.sent)
+            fams["dropped"].add_metric(lv, s.dropped)
+            fams["nonfinite"].add_metric(lv, s.nonfinite_values)
+            for name, value in s.scalars.items():
+                if name in SCALAR_FAMILIES:
+                    fams[name].add_metric(lv, value)
+                else:
+                    fams["observed"].add_metric([*lv, name], value)
+            if s.matrix is None:
+                continue
+            for si, stat in enumerate(s.stats[: self.max_stats]):
+                fam_name = stat_family_name(stat)
+                if owner.setdefault(fam_name, stat) != stat:
+                    continue  # another statistic already exports under this sanitised name
+                fam = stat_fams.get(fam_name)
+                if fam is None:
+                    fam = stat_fams[fam_name] = GaugeMetricFamily(
+                        fam_name,
+                        f"Per-tensor statistic {stat[:_MAX_STAT_CHARS]!r} sent by the trainer, without a "
+                        "dedicated metric (unit set by the trainer).",
+                        labels=PARAM_LABELS,
+                    )
+                column = s.matrix[:, si]
+                for ti in top_k(column, self.max_tensors).tolist():
+                    fam.add_metric([*lv, s.tensors[ti]], float(column[ti]))
+        yield from fams.values()
+        yield from (stat_fams[name] for name in sorted(stat_fams))
+        yield from self._agent_families(snap)
+
+    def _agent_families(self, snap) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "sentinel_agent_received_messages",
+            "Messages the agent read from the statistics socket, accepted or rejected (messages).",
+            value=snap.received_messages,
+        )
+        rejected = CounterMetricFamily(
+            "sentinel_agent_rejected_messages",
+            "Messages the agent rejected, by reason (messages).",
+            labels=["reason"],
+        )
+        for reason in REJECT_REASONS:
+            rejected.add_metric([reason], snap.rejected_messages.get(reason, 0))
+        yield rejected
+        yield CounterMetricFamily(
+            "sentinel_agent_decisions",
+            "Decisions taken by the agent's policy (decisions).",
+            value=snap.decisions,
+        )
+        yield GaugeMetricFamily(
+            "sentinel_agent_tracked_series",
+            "Run/rank pairs the agent currently keeps history for (series).",
+            value=len(snap.series),
+        )
+        yield GaugeMetricFamily(
+            "sentinel_agent_history_bytes",
+            "Bytes held by the agent's history ring buffers (bytes).",
+            value=snap.history_bytes,
+        )
+        info = GaugeMetricFamily(
+            "sentinel_agent_build_info", "Agent build information; the value is always 1.", labels=["version"]
+        )
+        info.add_metric([self.version], 1)
+        yield info
+
+
+def make_registry(state: AgentState, config: AgentConfig) -> CollectorRegistry:
+    """A fresh registry holding only the agent collector (not the process-global default)."""
+    registry = CollectorRegistry()
+    registry.register(AgentCollector(state, config))
+    return registry

@@ -1,0 +1,258 @@
+"""The receiving end of the statistics channel: a ZeroMQ PULL socket and the thread that drains it.
+
+Whatever a peer sends, the receiver counts it and carries on: a message is either recorded
+or rejected with one of ``protocol.REJECT_REASONS`` and one log line.  Log lines are rate
+limited per kind, so a flood of bad messages costs a few lines a minute, not the disk.
+NaN and Inf values are accepted: they are the clearest sign of a diverging run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import zmq
+
+from agent import protocol
+from agent.config import AgentConfig, bind_endpoint
+from agent.history import SeriesKey
+from agent.protocol import ProtocolError, StatsMessage
+from agent.state import AgentState
+
+logger = logging.getLogger("sentinel.agent")
+
+RCVHWM = 10_000
+DRAIN_BATCH = 1000
+LOG_DETAIL_CHARS = 300
+
+
+def clean(text: str, limit: int = LOG_DETAIL_CHARS) -> str:
+    """Peer-supplied text made safe for one log line: truncated, non-printables escaped."""
+    short = text[:limit]
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in short)
+    return out + ("..." if len(text) > limit else "")
+
+
+class RateLimiter:
+    """Allows ``burst`` log lines per key per ``window`` seconds, then one summary line.
+
+    Keys must come from a fixed set chosen by the agent (reasons, kinds), never from a peer.
+    """
+
+    def __init__(
+        self,
+        log: logging.Logger = logger,
+        *,
+        burst: int = 10,
+        window: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.log, self.burst, self.window, self.clock = log, burst, window, clock
+        self._state: dict[str, list] = {}  # key -> [window start, lines allowed, lines suppressed]
+
+    def allow(self, key: str) -> bool:
+        """True if a line of kind ``key`` may be logged now; counts it either way."""
+        now = self.clock()
+        st = self._state.get(key)
+        if st is None or now - st[0] >= self.window:
+            self._summarise(key)
+            st = self._state[key] = [now, 0, 0]
+        if st[1] < self.burst:
+            st[1] += 1
+            return True
+        st[2] += 1
+        return False
+
+    def flush(self) -> None:
+        """Write the summary of every window that has ended."""
+        now = self.clock()
+        for key in [k for k, st in self._state.items() if now - st[0] >= self.window]:
+            self._summarise(key)
+
+    def _summarise(self, key: str) -> None:
+        st = self._state.pop(key, None)
+        if st and st[2]:
+            self.log.warning("suppressed %d more %r log lines in the last %.0f s", st[2], key, self.window)
+
+
+def _nonfinite_names(msg: StatsMessage, limit: int = 5) -> str:
+    names = [msg.layout.scalars[i] for i in np.flatnonzero(~np.isfinite(msg.scalars))[:limit]]
+    rows, cols = np.nonzero(~np.isfinite(msg.matrix))
+    pairs = zip(rows[:limit].tolist(), cols[:limit].tolist(), strict=True)
+    names += [f"{msg.layout.tensors[r]}/{msg.layout.stats[c]}" for r, c in pairs]
+    return clean(", ".join(names[:limit]), 200)
+
+
+class Receiver:
+    """Binds the PULL socket and records every message into ``state`` from its own thread."""
+
+    def __init__(
+        self,
+        state: AgentState,
+        config: AgentConfig,
+        *,
+        context: zmq.Context | None = None,
+        poll_ms: int = 100,
+        limiter: RateLimiter | None = None,
+    ):
+        self.state = state
+        self.config = config
+        self.max_bytes = config.limits.max_message_bytes
+        self.max_layouts = config.limits.max_series
+        self.poll_ms = poll_ms
+        self.limiter = limiter or RateLimiter()
+        self._own_context = context is None
+        self._context = context
+        self._sock: zmq.Socket | None = None
+        self._endpoint: str | None = None
+        self._layouts: dict[str, protocol.Layout] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+
+    @property
+    def endpoint(self) -> str | None:
+        """The bound endpoint with the actual port (ZMQ_LAST_ENDPOINT), None before bind()."""
+        return self._endpoint
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def bind(self) -> str:
+        """Bind the socket; raises zmq.ZMQError (e.g. address in use)."""
+        endpoint = bind_endpoint(self.config.stats_endpoint)
+        if self._context is None:
+            self._context = zmq.Context()
+        sock = self._context.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, RCVHWM)
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_bytes)
+        if endpoint.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        self._sock = sock
+        self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self._endpoint
+
+    def start(self) -> None:
+        """Start the receiving thread (binds first if needed)."""
+        if self._sock is None:
+            self.bind()
+        self._thread = threading.Thread(target=self._run, name="sentinel-receiver", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close the socket; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.error("receiver thread did not stop within %.1f s", timeout)
+                return
+        if self._closed:
+            return
+        self._closed = True
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        if self._own_context and self._context is not None:
+            self._context.term()
+
+    def _run(self) -> None:
+        assert self._sock is not None
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                if poller.poll(self.poll_ms):
+                    self._drain()
+                self.limiter.flush()
+            except zmq.ContextTerminated:
+                break
+            except Exception:
+                if self.limiter.allow("receiver"):
+                    logger.exception("receiver loop error; continuing")
+                time.sleep(0.1)
+
+    def _drain(self) -> None:
+        """Handle the queued messages, a batch at a time.
+
+        Frames are read one by one rather than with recv_multipart: ZMQ_MAXMSGSIZE bounds each
+        frame but not their number, so only the first four of a message are kept.
+        """
+        assert self._sock is not None
+        for _ in range(DRAIN_BATCH):
+            if self._stop.is_set():
+                return
+            try:
+                first = self._sock.recv(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            frames, count = [first], 1
+            while self._sock.getsockopt(zmq.RCVMORE):
+                frame = self._sock.recv(copy=True)  # the rest of a multipart message is already here
+                count += 1
+                if len(frames) < 4:
+                    frames.append(frame)
+            if count != 3:
+                self.reject(ProtocolError("frame_count", f"{count} frames, expected 3"))
+                continue
+            self.handle(frames)
+
+    def handle(self, frames: Sequence[bytes], received_at: float | None = None) -> StatsMessage | None:
+        """Decode, check and record one message; returns it, or None if it was rejected.
+
+        Never raises for anything in ``frames``: unexpected errors count as ``bad_field``.
+        """
+        received_at = time.time() if received_at is None else received_at
+        try:
+            msg = protocol.decode(list(frames), self._layouts, max_bytes=self.max_bytes, max_layouts=self.max_layouts)
+            result = self.state.record_message(msg, received_at)
+        except ProtocolError as exc:
+            self.reject(exc)
+            return None
+        except Exception as exc:
+            logger.debug("unexpected error while handling a message", exc_info=True)
+            self.reject(ProtocolError("bad_field", f"internal error {type(exc).__name__}: {exc}"))
+            return None
+        if result.nonfinite and self.limiter.allow("nonfinite"):
+            logger.warning(
+                "non-finite values: run=%s rank=%d step=%d count=%d in %s",
+                clean(msg.run),
+                msg.rank,
+                msg.step,
+                result.nonfinite,
+                _nonfinite_names(msg),
+            )
+        if result.evicted is not None:
+            self._log_evicted(result.evicted)
+        if result.scalar_overflow and self.limiter.allow("scalar_overflow"):
+            logger.warning(
+                "run=%s rank=%d sends more than limits.max_scalar_names=%d other scalar names; the rest are ignored",
+                clean(msg.run),
+                msg.rank,
+                self.config.limits.max_scalar_names,
+            )
+        return msg
+
+    def reject(self, exc: ProtocolError) -> None:
+        """Count a rejected message and log it (rate limited per reason)."""
+        self.state.record_reject(exc.reason)
+        if self.limiter.allow(exc.reason):
+            logger.warning("rejected message: reason=%s detail=%s", exc.reason, clean(exc.detail))
+
+    def _log_evicted(self, key: SeriesKey) -> None:
+        if self.limiter.allow("evict"):
+            logger.warning(
+                "stopped tracking run=%s rank=%d: limits.max_series=%d reached and it was the least recently updated",
+                clean(key[0]),
+                key[1],
+                self.config.limits.max_series,
+            )

@@ -1,0 +1,1 @@
+"""Examples, importable as sentinel.examples."""

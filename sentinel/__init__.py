@@ -1,0 +1,15 @@
+"""sentinel: training-health statistics and stabilisers that live inside the trainer.
+
+sn = sentinel.attach(model, optimizer, config="sentinel.yaml")
+for batch in sn.batches(loader):
+    ...; optimizer.step(); optimizer.zero_grad()
+    sn.observe(loss=loss)
+sn.close()
+"""
+
+from agent.typedconfig import ConfigError
+from sentinel.attach import Sentinel, attach
+from sentinel.config import Config, load_config
+
+__version__ = "0.1.0"
+__all__ = ["Config", "ConfigError", "Sentinel", "attach", "load_config", "__version__"]

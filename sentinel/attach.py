@@ -1,0 +1,206 @@
+"""``sentinel.attach``: hooks on the user's own model and optimizer, and the handle it returns.
+
+The optimizer is never subclassed or wrapped: sentinel registers step pre/post hooks, so
+LR schedulers, GradScaler and ``optimizer.state_dict()`` see the object they always saw.
+Nothing sentinel does may crash or stall the trainer: every hook catches its own errors,
+logs them once with the traceback, and turns statistics off rather than fail a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agent.protocol import Layout
+from sentinel.config import Config, load_config
+from sentinel.data import BatchPosition
+from sentinel.publish import HostTransfer, Publisher
+from sentinel.stats import TensorStats, is_adam
+
+log = logging.getLogger("sentinel")
+STATE_VERSION = 1
+
+
+def _dist_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+class Sentinel:
+    """The handle returned by :func:`attach`. Call :meth:`observe` once per training step."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config):
+        self.config = config
+        self.model, self.optimizer = model, optimizer
+        self.step = 0
+        self.errors = 0
+        self.position = BatchPosition()
+        self.run = config.run or os.environ.get("SENTINEL_RUN") or f"run-{socket.gethostname()}-{os.getpid()}"
+        self.rank = _dist_rank()
+        self._hooks: list[Any] = []
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_time = time.perf_counter()  # step 0's duration is measured from attach
+        self._transfer = HostTransfer()
+        self.stats: TensorStats | None = None
+        self.publisher: Publisher | None = None
+        logging.getLogger("sentinel").setLevel(config.log_level.upper())
+        if not config.enabled:
+            log.info("sentinel: disabled by config; no hooks installed")
+            return
+
+        if config.stats.enabled:
+            mode = config.stats.update
+            if mode == "auto":
+                mode = "reconstruct" if is_adam(optimizer) else "copy"
+            if mode == "reconstruct" and not is_adam(optimizer):
+                raise ValueError(
+                    f"stats.update='reconstruct' needs torch.optim.Adam or AdamW, got {type(optimizer).__name__}; "
+                    "use 'copy' or 'off'"
+                )
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.stats = TensorStats(optimizer, names, mode, config.stats.chunk_elements)
+            self._hooks.append(optimizer.register_step_pre_hook(self._before_step))
+            self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+            extra = (
+                f", holding a {self.stats.snapshot_bytes / 2**20:.1f} MiB parameter copy during statistics steps"
+                if mode == "copy"
+                else ""
+            )
+            log.info(
+                "sentinel: statistics every %d step(s) on %d tensors, update measured by '%s'%s",
+                config.stats.every,
+                len(self.stats.params),
+                mode,
+                extra,
+            )
+        publishes = config.publish.ranks == "all" or self.rank == 0
+        if config.publish.enabled and publishes:
+            self.publisher = Publisher(config.publish.endpoint, self.run, self.rank, config.publish.queue)
+            log.info("sentinel: run %r rank %d publishing to %s", self.run, self.rank, config.publish.endpoint)
+
+    def _stats_due(self) -> bool:
+        return self.stats is not None and self.step % self.config.stats.every == 0
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._stats_due():
+            self._guarded(self.stats.before_step)
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._stats_due():
+            self._pending = self._guarded(self.stats.after_step)
+
+    def _guarded(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except Exception:
+            self.errors += 1
+            log.exception("sentinel: statistics failed at step %d; statistics are now off", self.step)
+            self.stats = None
+            return None
+
+    def observe(self, loss: torch.Tensor | float | None = None, **scalars: torch.Tensor | float) -> None:
+        """Mark the end of a training step and publish what was measured during it.
+
+        ``loss`` and any other scalars (tensors stay on the device; no host sync here).
+        """
+        now = time.perf_counter()
+        try:
+            self._publish(now, loss, scalars)
+        except Exception:
+            self.errors += 1
+            log.exception("sentinel: publishing failed at step %d (training continues)", self.step)
+        self._last_time = now
+        self.step += 1
+
+    def _publish(self, now: float, loss: Any, scalars: dict[str, Any]) -> None:
+        pending, self._pending = self._pending, None
+        if self.publisher is None:
+            return
+        values: dict[str, Any] = {}
+        if loss is not None:
+            values["loss"] = loss
+        values.update(scalars)
+        if pending is not None:
+            values["grad_norm"] = pending[1]
+        if self.optimizer.param_groups:
+            values.setdefault("lr", float(self.optimizer.param_groups[0]["lr"]))
+        values["step_duration_seconds"] = now - self._last_time
+        device = pending[0].device if pending is not None else torch.device("cpu")
+        parts = [
+            torch.stack(
+                [torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(()) for v in values.values()]
+            )
+        ]
+        if pending is not None:
+            parts.append(pending[0].reshape(-1))
+        layout = Layout(
+            scalars=tuple(values),
+            stats=self.stats.stats if pending is not None else (),
+            tensors=self.stats.names if pending is not None else (),
+        )
+        for data, (step, lay) in self._transfer.submit(torch.cat(parts), (self.step, layout)):
+            self.publisher.publish(step, lay, data)
+
+    def batches(self, iterable: Iterable[Any]) -> Iterator[Any]:
+        """Iterate ``iterable`` as one pass, tracking the position for resumption."""
+        return self.position.iterate(iterable)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "step": self.step, "data": self.position.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"sentinel state version {state.get('version')!r}, this sentinel reads {STATE_VERSION}")
+        self.step = int(state["step"])
+        self.position.load_state_dict(state["data"])
+
+    @property
+    def counters(self) -> dict[str, int]:
+        pub = self.publisher
+        return {
+            "steps": self.step,
+            "sent": pub.sent if pub else 0,
+            "dropped": pub.dropped if pub else 0,
+            "errors": self.errors,
+        }
+
+    def close(self) -> None:
+        """Flush in-flight statistics, remove every hook, close the socket. Idempotent."""
+        if self.publisher is not None:
+            for data, (step, lay) in self._transfer.ready(wait=True):
+                self.publisher.publish(step, lay, np.asarray(data))
+            self.publisher.close()
+            self.publisher = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def __enter__(self) -> Sentinel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def attach(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: str | Path | dict | Config | None = None,
+    **overrides: Any,
+) -> Sentinel:
+    """Attach sentinel to ``model`` and ``optimizer``.
+
+    ``config`` is a YAML path, a dict or a :class:`Config`; keyword overrides take dotted
+    keys as ``stats__every=10`` or plain ``run="exp1"``.
+    """
+    overrides = {k.replace("__", "."): v for k, v in overrides.items()}
+    return Sentinel(model, optimizer, load_config(config, **overrides))

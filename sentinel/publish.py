@@ -1,0 +1,101 @@
+"""Send statistics to the agent without ever making the training step wait.
+
+ZeroMQ PUSH with ``IMMEDIATE`` (queue only to connected peers), a bounded send queue
+(``SNDHWM``) and ``NOBLOCK``: when the agent is absent, dead or slower than the trainer,
+``send`` raises ``zmq.Again`` at once and the message is counted as dropped.  ``LINGER=0``
+so closing never waits for an agent.  Reconnection after an agent restart is ZeroMQ's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+import zmq
+
+from agent import protocol
+
+log = logging.getLogger("sentinel")
+
+
+class Publisher:
+    def __init__(self, endpoint: str, run: str, rank: int, queue: int = 1000):
+        self.run, self.rank = run, rank
+        self.sent = 0
+        self.dropped = 0
+        self._seq = 0
+        self._layouts: dict[protocol.Layout, tuple[bytes, str]] = {}
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, queue)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.connect(endpoint)
+        self._warned = False
+
+    def publish(self, step: int, layout: protocol.Layout, data: np.ndarray) -> bool:
+        """Queue one message; returns False (and counts a drop) if it cannot be queued now."""
+        if layout not in self._layouts:
+            raw = layout.encode()
+            self._layouts[layout] = (raw, protocol.layout_id(raw))
+        raw, lid = self._layouts[layout]
+        self._seq += 1
+        header = protocol.encode_header(
+            run=self.run,
+            rank=self.rank,
+            step=step,
+            time=time.time(),
+            seq=self._seq,
+            sent=self.sent + 1,
+            dropped=self.dropped,
+            layout=lid,
+        )
+        try:
+            self._sock.send_multipart(
+                [header, raw, data.astype(protocol.DTYPE, copy=False).tobytes()], flags=zmq.NOBLOCK
+            )
+        except zmq.Again:
+            self.dropped += 1
+            if not self._warned:
+                log.warning("sentinel: agent not reachable; dropping statistics (counted) until it is")
+                self._warned = True
+            return False
+        self.sent += 1
+        self._warned = False
+        return True
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+
+class HostTransfer:
+    """One device→host copy per publish; on CUDA it never stalls the step.
+
+    CUDA: the packed tensor is copied into a pinned buffer with ``non_blocking=True`` and an
+    event is recorded; the host reads it on a later call once the event has completed, so a
+    message may go out one step late.  CPU: the tensor is already on the host.
+    """
+
+    def __init__(self):
+        self._pending: list[tuple[torch.cuda.Event, torch.Tensor, object]] = []
+
+    def submit(self, packed: torch.Tensor, tag: object) -> list[tuple[np.ndarray, object]]:
+        if packed.device.type != "cuda":
+            return self.ready() + [(packed.detach().float().numpy(), tag)]
+        buf = torch.empty(packed.shape, dtype=torch.float32, pin_memory=True)
+        buf.copy_(packed.detach().float(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, buf, tag))
+        return self.ready()
+
+    def ready(self, wait: bool = False) -> list[tuple[np.ndarray, object]]:
+        out = []
+        while self._pending and (wait or self._pending[0][0].query()):
+            event, buf, tag = self._pending.pop(0)
+            event.synchronize()
+            out.append((buf.numpy(), tag))
+        return out

@@ -1,0 +1,153 @@
+"""Test helpers around a real ``sentinel-agent`` process: start it, feed it, scrape it.
+
+The agent runs as users run it (``python -m agent run``) and tells us its addresses through
+``--ready-file``; statistics reach it through a real ZeroMQ PUSH socket on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pytest
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent import protocol
+from agent.spawn import AgentProcess
+
+
+def require_binary(name: str) -> str:
+    """Path of executable ``name``; skips the test if it is missing, unless the environment sets
+    SENTINEL_REQUIRE_PROMETHEUS=1 (CI), where a missing binary is a failure."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian: apt-get install prometheus)"
+        if os.environ.get("SENTINEL_REQUIRE_PROMETHEUS") == "1":
+            pytest.fail(message + "; SENTINEL_REQUIRE_PROMETHEUS=1 requires it")
+        pytest.skip(message)
+    return path
+
+
+def make_frames(
+    *,
+    run: str = "run",
+    rank: int = 0,
+    step: int = 0,
+    scalars: dict[str, float] | None = None,
+    stats: Sequence[str] = (),
+    tensors: Sequence[str] = (),
+    matrix: np.ndarray | Sequence | None = None,
+    sent: int | None = None,
+    dropped: int = 0,
+    seq: int | None = None,
+    time_: float | None = None,
+) -> list[bytes]:
+    """The three frames of a valid v1 message; ``matrix`` has shape (len(tensors), len(stats))."""
+    scalars = scalars or {}
+    layout = protocol.Layout(tuple(scalars), tuple(stats), tuple(tensors))
+    raw = layout.encode()
+    if matrix is None:
+        matrix = np.zeros((len(tensors), len(stats)))
+    values = np.concatenate(
+        [
+            np.asarray(list(scalars.values()), dtype=np.float64),
+            np.asarray(matrix, dtype=np.float64).reshape(-1),
+        ]
+    )
+    header = protocol.encode_header(
+        run=run,
+        rank=rank,
+        step=step,
+        time=time.time() if time_ is None else time_,
+        seq=step + 1 if seq is None else seq,
+        sent=step + 1 if sent is None else sent,
+        dropped=dropped,
+        layout=protocol.layout_id(raw),
+    )
+    return [header, raw, values.astype(protocol.DTYPE).tobytes()]
+
+
+def header_dict(frames: list[bytes]) -> dict:
+    return json.loads(frames[0])
+
+
+def with_header(frames: list[bytes], **changes: object) -> list[bytes]:
+    """``frames`` with header fields replaced (a field set to None is removed)."""
+    header = {**header_dict(frames), **changes}
+    header = {k: v for k, v in header.items() if v is not None}
+    return [json.dumps(header).encode(), *frames[1:]]
+
+
+class Scrape(dict):
+    """Parsed /metrics: sample name -> list of (labels, value)."""
+
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        return self.get(name, [])
+
+    def value(self, metric: str, /, **labels: object) -> float | None:
+        """The value of the one sample of ``metric`` whose labels include ``labels``, or None."""
+        found = [v for lab, v in self.samples(metric) if all(lab.get(k) == str(x) for k, x in labels.items())]
+        if len(found) > 1:
+            raise AssertionError(f"{len(found)} samples of {metric} match {labels}")
+        return found[0] if found else None
+
+
+def parse_metrics(text: str) -> Scrape:
+    out = Scrape()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return out
+
+
+def fetch(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+class Pusher:
+    """A trainer-like PUSH socket connected to the agent."""
+
+    def __init__(self, endpoint: str):
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.SNDTIMEO, 5000)
+        self.sock.connect(endpoint)
+
+    def send(self, frames: Sequence[bytes]) -> None:
+        self.sock.send_multipart(list(frames))
+
+    def close(self) -> None:
+        self.sock.close()
+        self.context.term()
+
+    def __enter__(self) -> Pusher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AgentProc(AgentProcess):
+    """The agent process of agent.spawn, plus parsed scrapes for assertions."""
+
+    def scrape(self) -> Scrape:
+        return parse_metrics(fetch(self.metrics_url))
+
+    def wait_for(self, predicate: Callable[[Scrape], bool], timeout: float = 10.0) -> Scrape:
+        """Scrape until ``predicate`` holds; fails with the last scrape and the log otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            scrape = self.scrape()
+            if predicate(scrape):
+                return scrape
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met after {timeout} s; agent log:\n{self.log()}")
+            time.sleep(0.05)
