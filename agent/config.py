@@ -1,4 +1,4 @@
-"""Configuration of the sidecar agent (docs/configuration-agent.md is generated from it).
+"""Configuration of the sidecar agent (docs/configuration.md carries its generated table).
 
 The dataclasses declare every key with its default, allowed range and documentation;
 `load_config` adds the checks that span keys (endpoint syntax, TLS pairs, the refusal to
@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.typedconfig import ConfigError, load, option, reference
+from agent.typedconfig import ConfigError, load, option, reference_markdown
 
 MiB = 1 << 20
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -174,17 +173,5 @@ def as_dict(cfg: AgentConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def reference_markdown() -> str:
-    """The reference table of every key, as it appears in docs/configuration-agent.md."""
-    lines = ["| Key | Allowed | Default | Meaning |", "|---|---|---|---|"]
-    for key, allowed, default, doc in reference(AgentConfig):
-        lines.append(f"| `{key}` | {_cell(allowed)} | `{json.dumps(default)}` | {_cell(doc)} |")
-    return "\n".join(lines) + "\n"
-
-
 if __name__ == "__main__":
-    print(reference_markdown(), end="")
+    print(reference_markdown(AgentConfig), end="")

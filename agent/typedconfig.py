@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -163,3 +164,12 @@ def reference(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append((prefix + f.name, _describe(f, hint), default, f.metadata.get("doc", "")))
     return rows
+
+
+def reference_markdown(cls: type) -> str:
+    """The Markdown table of every key of ``cls``, as docs/configuration.md carries it."""
+    cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
+    lines = ["| Key | Allowed | Default | Meaning |", "|---|---|---|---|"]
+    for key, allowed, default, doc in reference(cls):
+        lines.append(f"| `{key}` | {cell(allowed)} | `{json.dumps(default)}` | {cell(doc)} |")
+    return "\n".join(lines) + "\n"

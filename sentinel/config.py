@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.typedconfig import ConfigError, load, option
+from agent.typedconfig import ConfigError, load, option, reference_markdown
 
 __all__ = ["Config", "ConfigError", "StatsConfig", "PublishConfig", "load_config"]
 
@@ -61,3 +61,7 @@ class Config:
 def load_config(source: str | Path | dict | Config | None = None, **overrides: Any) -> Config:
     """Load a Config from a YAML path, dict or Config; keyword overrides may use dotted keys."""
     return load(Config, source, **overrides)
+
+
+if __name__ == "__main__":
+    print(reference_markdown(Config), end="")

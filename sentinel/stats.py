@@ -6,12 +6,13 @@ precursor of loss spikes in WeSaR (papers/001, §3); the RMS of the gradient and
 
 How: every reduction is a ``torch._foreach_*`` call over chunks of at most
 ``chunk_elements`` elements, and the result is one (tensors x stats) tensor on the device,
-so the host sees one transfer per publish.  For Adam and AdamW the update is rebuilt from
-the optimizer's state after the step instead of copying the parameters before it:
+so the host sees one transfer per publish.  Gradient norms and ‖W‖ are taken in the
+optimizer's pre-step hook, where W is still the weight the update applies to.  For Adam
+and AdamW the update is rebuilt from the optimizer state after the step instead of
+copying the parameters before it; with b1 = 1-β1^t, b2 = 1-β2^t, s = lr/(1-lr·wd) (wd = 0
+for Adam, whose weight decay is already inside m) and D = √v + ε·√b2:
 
-    u    = m̂ / (√v̂ + ε)                 (m̂, v̂ bias-corrected; v̂ from max_exp_avg_sq with amsgrad)
-    c    = 1 - lr·wd  (AdamW),  1  (Adam: its weight decay is already inside m̂)
-    ΔW   = -(lr / c) · (u + wd·W_new)    ‖W_old‖ = ‖W_new - ΔW‖
+    -ΔW = s·wd·W_new + s·(√b2/b1)·m/D
 
 which needs one scratch list the size of a chunk, not a copy of the model.
 """
@@ -19,7 +20,7 @@ which needs one scratch list the size of a chunk, not a copy of the model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ def is_adam(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
 
 
-def _chunks(items: Sequence[int], params: Sequence[Tensor], max_elements: int) -> Iterator[list[int]]:
+def _chunks(items: Iterable[int], params: Sequence[Tensor], max_elements: int) -> Iterator[list[int]]:
     chunk, size = [], 0
     for i in items:
         n = params[i].numel()
@@ -49,14 +50,18 @@ def _chunks(items: Sequence[int], params: Sequence[Tensor], max_elements: int) -
 
 def _bias_correction(steps: list[Tensor], beta: float) -> list:
     """1 - beta**step per tensor: floats for CPU step counters, 0-dim device tensors otherwise (no sync)."""
-    return [1.0 - beta ** float(s) if s.device.type == "cpu" else 1.0 - beta**s for s in steps]
+    if steps[0].device.type == "cpu":
+        return [1.0 - beta**t for t in torch.stack(steps).tolist()]
+    return [1.0 - beta**s for s in steps]
 
 
 class TensorStats:
-    """Computes the statistics of the optimizer's parameters after a step.
+    """The statistics of the optimizer's parameters around one step.
 
     ``mode`` is 'reconstruct' (Adam/AdamW only), 'copy' (snapshot before the step on
-    statistics steps: costs one copy of the parameters while the step runs) or 'off'.
+    statistics steps: one copy of the parameters while the step runs) or 'off'.
+    Call :meth:`before_step` from the optimizer's pre-step hook and :meth:`after_step`
+    from its post-step hook.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str], mode: str, chunk_elements: int):
@@ -75,80 +80,74 @@ class TensorStats:
         )
         self.adam = is_adam(optimizer)
         self.stats = GRAD + (UPDATE if mode != "off" else ()) + (ADAM if self.adam else ())
+        device = self.params[0].device
+        self._zero = torch.zeros((), device=device)
+        self._numel = torch.tensor([p.numel() for p in self.params], device=device, dtype=torch.float32)
         self._before: list[Tensor] | None = None
+        self._with_grad: list[int] = []
+        self._grad_l2: list[Tensor] = []
+        self._param_l2: list[Tensor] = []
 
     @property
     def snapshot_bytes(self) -> int:
         """Extra memory the 'copy' mode holds during a statistics step."""
         return sum(p.numel() * p.element_size() for p in self.params) if self.mode == "copy" else 0
 
+    @torch.no_grad()
     def before_step(self) -> None:
+        """Gradient norms and ‖W_before‖ (and the snapshot in 'copy' mode)."""
+        params = self.params
+        self._with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        self._grad_l2 = [self._zero] * len(params)
+        if self._with_grad:
+            for i, v in zip(self._with_grad, torch._foreach_norm([params[i].grad for i in self._with_grad])):
+                self._grad_l2[i] = v
+        self._param_l2 = list(torch._foreach_norm(params))
         if self.mode == "copy":
-            with torch.no_grad():
-                self._before = [p.detach().clone() for p in self.params]
+            self._before = [p.detach().clone() for p in params]
 
     @torch.no_grad()
     def after_step(self) -> tuple[Tensor, Tensor]:
         """Return (stats matrix [tensors x stats], global grad L2 norm), both on the device."""
-        params = self.params
-        n = len(params)
-        device = params[0].device
-        zero = torch.zeros((), device=device)
-        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-        grad_l2 = [zero] * n
-        if with_grad:
-            for i, v in zip(with_grad, torch._foreach_norm([params[i].grad for i in with_grad])):
-                grad_l2[i] = v
-        numel = torch.tensor([p.numel() for p in params], device=device, dtype=torch.float32)
-        g = torch.stack(grad_l2).float()
-        param_l2 = list(torch._foreach_norm(params))
-        columns = {"grad_l2": g, "grad_rms": g / numel.sqrt()}
-        update_l2, old_l2 = [zero] * n, list(param_l2)
-        root_v, below, root_bc2 = [zero] * n, [zero] * n, [1.0] * n
+        n = len(self.params)
+        update_l2 = [self._zero] * n
+        root_v, below, root_b2 = [self._zero] * n, [self._zero] * n, [1.0] * n
         if self.mode == "copy":
-            self._copy_update(update_l2, old_l2)
+            self._copy_update(update_l2)
         if self.adam:
-            self._adam(with_grad, update_l2, old_l2, root_v, below, root_bc2)
-        columns["param_l2"] = torch.stack(param_l2).float()
+            self._adam(update_l2, root_v, below, root_b2)
+
+        numel = self._numel
+        g = torch.stack(self._grad_l2).float()
+        w = torch.stack(self._param_l2).float()
+        columns = {"grad_l2": g, "grad_rms": g / numel.sqrt(), "param_l2": w}
         if self.mode != "off":
-            update, old = torch.stack(update_l2).float(), torch.stack(old_l2).float()
+            update = torch.stack(update_l2).float()
             columns["update_l2"] = update
-            columns["update_ratio"] = torch.where(old > 0, update / old, torch.zeros_like(old))  # 0 for an all-zero W
+            columns["update_ratio"] = torch.where(w > 0, update / w, torch.zeros_like(w))  # 0 for an all-zero W
         if self.adam:
-            root_b2 = torch.tensor(root_bc2, device=device) if isinstance(root_bc2[0], float) else torch.stack(root_bc2)
-            columns["sqrt_v_rms"] = torch.stack(root_v).float() / (numel.sqrt() * root_b2)
-            columns["sqrt_v_below_eps_fraction"] = torch.stack(below).float() / numel
+            rb2 = torch.tensor(root_b2, device=numel.device) if isinstance(root_b2[0], float) else torch.stack(root_b2)
+            columns["sqrt_v_rms"] = torch.stack(root_v).float() / (numel.sqrt() * rb2)
+            columns["sqrt_v_below_eps_fraction"] = torch.stack(below).float().square() / numel
         matrix = torch.stack([columns[s] for s in self.stats], dim=1)
         return matrix, g.square().sum().sqrt()
 
-    def _copy_update(self, update_l2: list[Tensor], old_l2: list[Tensor]) -> None:
+    def _copy_update(self, update_l2: list[Tensor]) -> None:
         before, self._before = self._before, None
-        if before is None:
-            return
         params = self.params
         for chunk in _chunks(range(len(params)), params, self.chunk_elements):
             delta = torch._foreach_sub([params[i] for i in chunk], [before[i] for i in chunk])
-            for i, d, o in zip(chunk, torch._foreach_norm(delta), torch._foreach_norm([before[i] for i in chunk])):
-                update_l2[i], old_l2[i] = d, o
+            for i, d in zip(chunk, torch._foreach_norm(delta)):
+                update_l2[i] = d
 
-    def _adam(
-        self,
-        with_grad: list[int],
-        update_l2: list[Tensor],
-        old_l2: list[Tensor],
-        root_v: list,
-        below: list,
-        root_bc2: list,
-    ) -> None:
-        """One pass over Adam's state per chunk: ‖√v‖ and √b2, the count of √v̂ < ε, and (reconstruct) ‖ΔW‖, ‖W_old‖.
+    def _adam(self, update_l2: list[Tensor], root_v: list, below: list, root_b2: list) -> None:
+        """Per chunk of Adam state: ‖√v‖ and √b2, the count of √v̂ < ε, and (reconstruct) ‖ΔW‖.
 
-        With b1 = 1-β1^t, b2 = 1-β2^t, s = lr/(1-lr·wd) and D = √v + ε·√b2:
-          Σv̂ = ‖√v‖²/b2;   √v̂ < ε  ⇔  √v < ε·√b2;   -ΔW = s·wd·W + s·(√b2/b1)·m/D;   W_old = W + (-ΔW).
-        The count is an L0 norm of min(√v - ε·√b2, 0): three batched ops, no per-tensor loop.
+        √v̂ < ε ⇔ √v < ε·√b2, counted as ‖sign(min(√v - ε·√b2, 0))‖₂²: batched ops only.
         """
         params, state = self.params, self.optimizer.state
         by_group: dict[int, list[int]] = {}
-        for i in with_grad:
+        for i in self._with_grad:
             if "exp_avg_sq" in state.get(params[i], {}):
                 by_group.setdefault(self.group_of[i], []).append(i)
         for g, members in by_group.items():
@@ -162,26 +161,22 @@ class TensorStats:
                 st = [state[params[i]] for i in chunk]
                 steps = [s["step"] for s in st]
                 b1, b2 = _bias_correction(steps, beta1), _bias_correction(steps, beta2)
-                root_b2 = [math.sqrt(b) if isinstance(b, float) else b.sqrt() for b in b2]
-                eps_root_b2 = [eps * r for r in root_b2]
+                rb2 = [math.sqrt(b) if isinstance(b, float) else b.sqrt() for b in b2]
+                eps_rb2 = [eps * r for r in rb2]
                 d = torch._foreach_sqrt([s[v_key] for s in st])
-                diff = torch._foreach_sub(d, eps_root_b2)
+                diff = torch._foreach_sub(d, eps_rb2)
                 torch._foreach_clamp_max_(diff, 0.0)
-                for i, norm, count, r in zip(chunk, torch._foreach_norm(d), torch._foreach_norm(diff, 0), root_b2):
-                    root_v[i], below[i], root_bc2[i] = norm, count, r
+                torch._foreach_sign_(diff)
+                for i, norm, count, r in zip(chunk, torch._foreach_norm(d), torch._foreach_norm(diff), rb2):
+                    root_v[i], below[i], root_b2[i] = norm, count, r
                 del diff
                 if self.mode != "reconstruct":
                     continue
-                torch._foreach_add_(d, eps_root_b2)
+                torch._foreach_add_(d, eps_rb2)
                 w = [params[i] for i in chunk]
                 u = torch._foreach_mul(w, scale * wd) if wd else [torch.zeros_like(p) for p in w]
-                coef = [scale * r / b for r, b in zip(root_b2, b1)]
-                torch._foreach_addcdiv_(
-                    u, [s["exp_avg"] for s in st], d, coef if isinstance(coef[0], float) else torch.stack(coef)
-                )
-                del d
+                coef = [scale * r / b for r, b in zip(rb2, b1)]
+                m = [s["exp_avg"] for s in st]
+                torch._foreach_addcdiv_(u, m, d, coef if isinstance(coef[0], float) else torch.stack(coef))
                 for i, norm in zip(chunk, torch._foreach_norm(u)):
                     update_l2[i] = norm
-                torch._foreach_add_(u, w)  # u is now W_old
-                for i, norm in zip(chunk, torch._foreach_norm(u)):
-                    old_l2[i] = norm

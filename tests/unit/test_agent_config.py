@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from agent import cli
-from agent.config import AgentConfig, bind_endpoint, is_loopback, load_config, reference_markdown
+from agent.config import AgentConfig, bind_endpoint, is_loopback, load_config
 from agent.typedconfig import ConfigError, reference
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration-agent.md"
 
 
 def config_error(source=None, **overrides) -> str:
@@ -167,17 +163,3 @@ def test_cli_help_lists_exit_codes(capsys):
         assert info.value.code == 0
         out = capsys.readouterr().out
         assert "exit codes:" in out and "usage or configuration error" in out
-
-
-# docs/configuration-agent.md carries the generated table; regenerate with `python -m agent.config`.
-
-
-def test_doc_contains_the_generated_reference_table():
-    text = DOC.read_text()
-    assert reference_markdown() in text, "docs/configuration-agent.md is stale: run python -m agent.config"
-
-
-def test_doc_lists_every_key():
-    text = DOC.read_text()
-    missing = [key for key, *_ in reference(AgentConfig) if f"`{key}`" not in text]
-    assert not missing

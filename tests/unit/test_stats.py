@@ -50,7 +50,7 @@ def test_statistics_equal_direct_computation(name: str) -> None:
             ratio = (p.detach() - b).norm() / b.norm()
             assert col["update_ratio"][i].item() == pytest.approx(ratio.item(), rel=1e-6)
             assert col["update_l2"][i].item() == pytest.approx((p.detach() - b).norm().item(), rel=1e-6)
-            assert col["param_l2"][i].item() == pytest.approx(p.detach().norm().item(), rel=1e-6)
+            assert col["param_l2"][i].item() == pytest.approx(b.norm().item(), rel=1e-6)  # W before the step
             assert col["grad_l2"][i].item() == pytest.approx(g.norm().item(), rel=1e-6)
             assert col["grad_rms"][i].item() == pytest.approx(g.square().mean().sqrt().item(), rel=1e-6)
             if "sqrt_v_rms" in col:
@@ -119,3 +119,16 @@ def test_chunking_gives_the_same_numbers() -> None:
         results.append(pending)
         sn.close()
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=0)
+
+
+def test_param_norm_is_before_the_step_in_every_mode() -> None:
+    for mode in ("off", "copy", "reconstruct"):
+        model = _model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sn = sentinel.attach(model, optimizer, publish={"enabled": False}, stats={"update": mode})
+        model(torch.ones(4, 8, dtype=torch.float64)).square().sum().backward()
+        before = torch.stack([p.detach().norm() for p in model.parameters()]).float()
+        optimizer.step()
+        col = sn.stats.stats.index("param_l2")
+        torch.testing.assert_close(sn._pending[0][:, col], before, rtol=1e-6, atol=0)
+        sn.close()
