@@ -48,9 +48,9 @@ def _chunks(items: Iterable[int], params: Sequence[Tensor], max_elements: int) -
         yield chunk
 
 
-def _bias_correction(steps: list[Tensor], beta: float) -> list:
-    """1 - beta**step per tensor: floats for CPU step counters, 0-dim device tensors otherwise (no sync)."""
-    if steps[0].device.type == "cpu":
+def _bias_correction(steps: list[Tensor], beta: float, on_host: bool) -> list:
+    """1 - beta**step per tensor: floats for host step counters, 0-dim tensors for device ones (no sync)."""
+    if on_host:
         return [1.0 - beta**t for t in torch.stack(steps).tolist()]
     return [1.0 - beta**s for s in steps]
 
@@ -87,6 +87,7 @@ class TensorStats:
         self._with_grad: list[int] = []
         self._grad_l2: list[Tensor] = []
         self._param_l2: list[Tensor] = []
+        self.host_steps: bool | None = None  # Adam's step counters on the host (None: look at the state)
 
     @property
     def snapshot_bytes(self) -> int:
@@ -160,7 +161,8 @@ class TensorStats:
             for chunk in _chunks(members, params, self.chunk_elements):
                 st = [state[params[i]] for i in chunk]
                 steps = [s["step"] for s in st]
-                b1, b2 = _bias_correction(steps, beta1), _bias_correction(steps, beta2)
+                on_host = steps[0].device.type == "cpu" if self.host_steps is None else self.host_steps
+                b1, b2 = _bias_correction(steps, beta1, on_host), _bias_correction(steps, beta2, on_host)
                 rb2 = [math.sqrt(b) if isinstance(b, float) else b.sqrt() for b in b2]
                 eps_rb2 = [eps * r for r in rb2]
                 d = torch._foreach_sqrt([s[v_key] for s in st])
@@ -174,9 +176,15 @@ class TensorStats:
                     continue
                 torch._foreach_add_(d, eps_rb2)
                 w = [params[i] for i in chunk]
-                u = torch._foreach_mul(w, scale * wd) if wd else [torch.zeros_like(p) for p in w]
                 coef = [scale * r / b for r, b in zip(rb2, b1)]
                 m = [s["exp_avg"] for s in st]
-                torch._foreach_addcdiv_(u, m, d, coef if isinstance(coef[0], float) else torch.stack(coef))
+                if on_host:
+                    u = torch._foreach_mul(w, scale * wd) if wd else [torch.zeros_like(p) for p in w]
+                    torch._foreach_addcdiv_(u, m, d, coef)
+                else:  # coefficients are device tensors: addcdiv_ takes only host scalars
+                    u = torch._foreach_div(m, d)
+                    torch._foreach_mul_(u, coef)
+                    if wd:
+                        torch._foreach_add_(u, w, alpha=scale * wd)
                 for i, norm in zip(chunk, torch._foreach_norm(u)):
                     update_l2[i] = norm
