@@ -43,6 +43,8 @@ class Sentinel:
         self.model, self.optimizer = model, optimizer
         self.step = 0
         self.errors = 0
+        self.skipped_updates = 0
+        self._skip = 0
         self.position = BatchPosition()
         self.run = config.run or os.environ.get("SENTINEL_RUN") or f"run-{socket.gethostname()}-{os.getpid()}"
         self.rank = _dist_rank()
@@ -68,8 +70,6 @@ class Sentinel:
                 )
             names = {id(p): n for n, p in model.named_parameters()}
             self.stats = TensorStats(optimizer, names, mode, config.stats.chunk_elements)
-            self._hooks.append(optimizer.register_step_pre_hook(self._before_step))
-            self._hooks.append(optimizer.register_step_post_hook(self._after_step))
             extra = (
                 f", holding a {self.stats.snapshot_bytes / 2**20:.1f} MiB parameter copy during statistics steps"
                 if mode == "copy"
@@ -82,6 +82,8 @@ class Sentinel:
                 mode,
                 extra,
             )
+        self._hooks.append(optimizer.register_step_pre_hook(self._before_step))
+        self._hooks.append(optimizer.register_step_post_hook(self._after_step))
         publishes = config.publish.ranks == "all" or self.rank == 0
         if config.publish.enabled and publishes:
             self.publisher = Publisher(config.publish.endpoint, self.run, self.rank, config.publish.queue)
@@ -90,7 +92,23 @@ class Sentinel:
     def _stats_due(self) -> bool:
         return self.stats is not None and self.step % self.config.stats.every == 0
 
+    def skip_updates(self, n: int, reason: str) -> None:
+        """Skip the next ``n`` optimizer updates, leaving parameters and optimizer state untouched.
+
+        The pre-step hook drops the gradients, so the optimizer sees no parameter to update
+        (Adam's step counters do not advance). ``reason`` is logged as the evidence.
+        """
+        self._skip += n
+        log.warning("sentinel: skipping the next %d optimizer update(s) from step %d: %s", n, self.step, reason)
+
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._skip > 0:
+            self._skip -= 1
+            self.skipped_updates += 1
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            log.info("sentinel: update skipped at step %d (%d more to skip)", self.step, self._skip)
         if self._stats_due():
             self._guarded(self.stats.before_step)
 

@@ -123,3 +123,29 @@ def test_config_errors_name_the_key(tmp_path) -> None:
     assert (sn.config.stats.every, sn.config.stats.update, sn.run) == (5, "off", "yaml-run")
     assert "update_ratio" not in sn.stats.stats
     sn.close()
+
+
+def test_skip_updates_leaves_parameters_and_optimizer_state_untouched() -> None:
+    model, optimizer, _, data = _setup()
+    sn = sentinel.attach(model, optimizer, stats={"enabled": False}, publish={"enabled": False})
+    for x in data[:2]:
+        (model(x) - x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sn.observe()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in optimizer.state[next(model.parameters())].items()}
+    sn.skip_updates(2, reason="test")
+    for x in data[2:4]:
+        (model(x) - x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sn.observe()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(params, model.parameters()))
+    after = optimizer.state[next(model.parameters())]
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert sn.skipped_updates == 2
+    (model(data[4]) - data[4]).square().mean().backward()
+    optimizer.step()
+    assert not torch.equal(params[0], next(model.parameters()).detach())
+    sn.close()
