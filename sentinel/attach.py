@@ -20,10 +20,13 @@ import numpy as np
 import torch
 
 from agent.protocol import Layout
+from sentinel.adam import is_adam
 from sentinel.config import Config, load_config
 from sentinel.data import BatchPosition
+from sentinel.optim import Chain, Guard, StepContext, optimizer_params
+from sentinel.optim import build as build_transforms
 from sentinel.publish import HostTransfer, Publisher
-from sentinel.stats import TensorStats, is_adam
+from sentinel.stats import StatsTap, TensorStats
 
 log = logging.getLogger("sentinel")
 STATE_VERSION = 1
@@ -43,8 +46,7 @@ class Sentinel:
         self.model, self.optimizer = model, optimizer
         self.step = 0
         self.errors = 0
-        self.skipped_updates = 0
-        self._skip = 0
+        self.events: list[dict[str, Any]] = []
         self.position = BatchPosition()
         self.run = config.run or os.environ.get("SENTINEL_RUN") or f"run-{socket.gethostname()}-{os.getpid()}"
         self.rank = _dist_rank()
@@ -53,12 +55,22 @@ class Sentinel:
         self._last_time = time.perf_counter()  # step 0's duration is measured from attach
         self._transfer = HostTransfer()
         self.stats: TensorStats | None = None
+        self.chain: Chain | None = None
+        self.guard: Guard | None = None
+        self._ctx: StepContext | None = None
         self.publisher: Publisher | None = None
         logging.getLogger("sentinel").setLevel(config.log_level.upper())
         if not config.enabled:
             log.info("sentinel: disabled by config; no hooks installed")
             return
 
+        self._params, self._group_of = optimizer_params(optimizer)
+        param_names = {id(p): n for n, p in model.named_parameters()}
+        self._names = tuple(
+            param_names.get(id(p), f"group{g}.param{i}") for i, (p, g) in enumerate(zip(self._params, self._group_of))
+        )
+        transforms = build_transforms(model, optimizer, config, self._params, self._group_of, self._names)
+        self.guard = transforms["guard"]
         if config.stats.enabled:
             mode = config.stats.update
             if mode == "auto":
@@ -68,8 +80,10 @@ class Sentinel:
                     f"stats.update='reconstruct' needs torch.optim.Adam or AdamW, got {type(optimizer).__name__}; "
                     "use 'copy' or 'off'"
                 )
-            names = {id(p): n for n, p in model.named_parameters()}
-            self.stats = TensorStats(optimizer, names, mode, config.stats.chunk_elements)
+            self.stats = TensorStats(
+                optimizer, self._params, self._group_of, self._names, mode, config.stats.chunk_elements
+            )
+            transforms["stats"] = StatsTap(self.stats, self._stats_due)
             extra = (
                 f", holding a {self.stats.snapshot_bytes / 2**20:.1f} MiB parameter copy during statistics steps"
                 if mode == "copy"
@@ -82,6 +96,12 @@ class Sentinel:
                 mode,
                 extra,
             )
+        self.chain = Chain(transforms)
+        on = [name for name in transforms if name not in ("guard", "stats")] + (
+            ["guard"] if config.optim.guard.enabled else []
+        )
+        if on:
+            log.info("sentinel: optimizer transforms on: %s", ", ".join(on))
         self._hooks.append(optimizer.register_step_pre_hook(self._before_step))
         self._hooks.append(optimizer.register_step_post_hook(self._after_step))
         publishes = config.publish.ranks == "all" or self.rank == 0
@@ -92,38 +112,46 @@ class Sentinel:
     def _stats_due(self) -> bool:
         return self.stats is not None and self.step % self.config.stats.every == 0
 
+    @property
+    def skipped_updates(self) -> int:
+        return self.guard.skips if self.guard is not None else 0
+
     def skip_updates(self, n: int, reason: str) -> None:
         """Skip the next ``n`` optimizer updates, leaving parameters and optimizer state untouched.
 
-        The pre-step hook drops the gradients, so the optimizer sees no parameter to update
-        (Adam's step counters do not advance). ``reason`` is logged as the evidence.
+        The guard drops the gradients before the step, so the optimizer sees no parameter to
+        update (Adam's step counters do not advance). ``reason`` is logged as the evidence.
         """
-        self._skip += n
+        if self.guard is None:
+            log.error("sentinel: cannot skip updates: sentinel is disabled (no hooks installed)")
+            return
+        self.guard.skip_next(n)
         log.warning("sentinel: skipping the next %d optimizer update(s) from step %d: %s", n, self.step, reason)
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._skip > 0:
-            self._skip -= 1
-            self.skipped_updates += 1
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-            log.info("sentinel: update skipped at step %d (%d more to skip)", self.step, self._skip)
-        if self._stats_due():
-            self._guarded(self.stats.before_step)
+        self._ctx = StepContext(step=self.step, params=self._params, names=self._names, group_of=self._group_of)
+        self._run_chain(self.chain.before_step)
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._stats_due():
-            self._pending = self._guarded(self.stats.after_step)
+        ctx = self._ctx
+        if ctx is None:
+            return
+        self._run_chain(self.chain.after_step)
+        if self.stats is not None and "stats" in self.chain.transforms:
+            tap = self.chain.transforms["stats"]
+            self._pending, tap.pending = tap.pending, None
+        self.events.extend(ctx.events)
+        del self.events[:-1000]
 
-    def _guarded(self, fn: Any) -> Any:
+    def _run_chain(self, fn: Any) -> None:
         try:
-            return fn()
+            fn(self._ctx)
         except Exception:
             self.errors += 1
-            log.exception("sentinel: statistics failed at step %d; statistics are now off", self.step)
-            self.stats = None
-            return None
+            log.exception("sentinel: optimizer hook failed at step %d; statistics are now off", self.step)
+            if self.stats is not None:
+                self.stats = None
+                self.chain.transforms.pop("stats", None)
 
     def observe(self, loss: torch.Tensor | float | None = None, **scalars: torch.Tensor | float) -> None:
         """Mark the end of a training step and publish what was measured during it.
@@ -149,6 +177,8 @@ class Sentinel:
         values.update(scalars)
         if pending is not None:
             values["grad_norm"] = pending[1]
+        if self.chain is not None:
+            values.update(self.chain.scalars())
         if self.optimizer.param_groups:
             values.setdefault("lr", float(self.optimizer.param_groups[0]["lr"]))
         values["step_duration_seconds"] = now - self._last_time
@@ -158,12 +188,18 @@ class Sentinel:
                 [torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(()) for v in values.values()]
             )
         ]
+        stat_names: tuple[str, ...] = ()
         if pending is not None:
-            parts.append(pending[0].reshape(-1))
+            matrix, stat_names = pending[0], self.stats.stats
+            extra = self.chain.columns()
+            if extra:
+                matrix = torch.cat([matrix, torch.stack([c.to(matrix) for c in extra.values()], dim=1)], dim=1)
+                stat_names += tuple(extra)
+            parts.append(matrix.reshape(-1))
         layout = Layout(
             scalars=tuple(values),
-            stats=self.stats.stats if pending is not None else (),
-            tensors=self.stats.names if pending is not None else (),
+            stats=stat_names,
+            tensors=self._names if pending is not None else (),
         )
         for data, (step, lay) in self._transfer.submit(torch.cat(parts), (self.step, layout)):
             self.publisher.publish(step, lay, data)
@@ -173,13 +209,18 @@ class Sentinel:
         return self.position.iterate(iterable)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "step": self.step, "data": self.position.state_dict()}
+        state = {"version": STATE_VERSION, "step": self.step, "data": self.position.state_dict()}
+        if self.chain is not None:
+            state["optim"] = self.chain.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"sentinel state version {state.get('version')!r}, this sentinel reads {STATE_VERSION}")
         self.step = int(state["step"])
         self.position.load_state_dict(state["data"])
+        if self.chain is not None and "optim" in state:
+            self.chain.load_state_dict(state["optim"])
 
     @property
     def counters(self) -> dict[str, int]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.typedconfig import ConfigError, load, option, reference_markdown
 
-__all__ = ["Config", "ConfigError", "StatsConfig", "PublishConfig", "load_config"]
+__all__ = ["Config", "ConfigError", "StatsConfig", "PublishConfig", "RolesConfig", "load_config"]
 
 
 @dataclass
@@ -46,6 +46,102 @@ class PublishConfig:
 
 
 @dataclass
+class RolesConfig:
+    preset: str = option(
+        "auto",
+        choices=("auto", "llama", "gpt2", "megatron", "te", "generic"),
+        doc=(
+            "Parameter-name patterns that give each weight matrix its role (docs/roles.md): 'llama' (Hugging "
+            "Face LLaMA-style), 'gpt2' (HF GPT-2, nanoGPT), 'megatron' (Megatron-LM, Megatron-Core), 'te' "
+            "(Transformer Engine modules), 'generic' (common embedding/head/norm names only); 'auto' takes the "
+            "preset that assigns the most matrices and fails when two tie with different roles."
+        ),
+    )
+    overrides: dict[str, str] = option(
+        {},
+        doc=(
+            "Regex (full match on the parameter name) to role, applied after the preset; roles: embedding, "
+            "pos_embedding, q, k, v, qkv, o, up, gate, gate_up, down, head, norm, bias."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        from sentinel.roles import validate_overrides
+
+        validate_overrides(self.overrides, key="roles.overrides")
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = option(
+        False, doc="Skip (or clip) an update whose gradient norm is an outlier. Non-finite gradients always skip."
+    )
+    action: str = option(
+        "skip",
+        choices=("skip", "clip"),
+        doc="What an outlier does: skip the update, or scale gradients to the EMA bound.",
+    )
+    z: float = option(
+        6.0,
+        range=(1.0, None),
+        doc="z-score of the global gradient norm against its EMA that counts as an outlier (OLMo-core: 6).",
+    )
+    alpha: float = option(
+        0.97, range=(0.5, 0.9999), doc="EMA decay of the gradient-norm mean and variance (ZClip: 0.97)."
+    )
+    warmup: int = option(25, range=(1, None), doc="Steps before z-scores are trusted (ZClip: 25).")
+
+
+@dataclass
+class WeSaRConfig:
+    enabled: bool = option(False, doc="WeSaR: train W̄ = α·W with one gate per matrix (papers/001).")
+    init: str = option(
+        "keep",
+        choices=("keep", "wesar"),
+        doc="'keep': gates chosen so the model is unchanged; 'wesar': re-initialise every W ~ N(0, σ²) with Table 1's gates.",
+    )
+    sigma2: float = option(4e-5, range=(1e-12, 1.0), doc="σ² of every actual weight (WeSaR §4.3: 4e-5).")
+    gate_lr_scale: float = option(
+        1.0, range=(0.0, None), doc="Learning rate of the gates relative to param group 0 (followed every step)."
+    )
+    gate_weight_decay: float = option(0.0, range=(0.0, None), doc="Weight decay of the gates.")
+    d_model: int | None = option(None, range=(1, None), doc="Hidden size d; default: inferred from the role map.")
+    d_ffn: int | None = option(None, range=(1, None), doc="FFN size; default: inferred from the role map.")
+    n_layers: int | None = option(None, range=(1, None), doc="Number of blocks N; default: inferred from the role map.")
+
+
+@dataclass
+class EpsConfig:
+    enabled: bool = option(
+        False,
+        doc="Lower Adam's ε per tensor to at most ratio × RMS(√v̂), never above the optimizer's ε (papers/003 §3.4).",
+    )
+    ratio: float = option(1e-3, range=(1e-9, 1.0), doc="ε is kept at most this fraction of the tensor's RMS(√v̂).")
+    floor: float = option(1e-16, range=(1e-30, 1e-6), doc="Smallest ε ever used.")
+    every: int = option(10, range=(1, None), doc="Retune every N steps.")
+    per_decade: int = option(4, range=(1, 100), doc="ε values are rounded down to this many buckets per decade.")
+
+
+@dataclass
+class ClampConfig:
+    enabled: bool = option(
+        False, doc="Pull any matrix whose update ratio ‖ΔW‖/‖W‖ exceeds its role's maximum back to it."
+    )
+    max_ratio: dict = option({}, doc="Maximum update ratio per role, e.g. {down: 0.02, o: 0.02}.")
+    default: float | None = option(
+        None, range=(0.0, None), doc="Maximum for matrices whose role has no entry (null: not clamped)."
+    )
+
+
+@dataclass
+class OptimConfig:
+    guard: GuardConfig = option(GuardConfig, doc="In-step guard (sentinel/optim/guard.py).")
+    wesar: WeSaRConfig = option(WeSaRConfig, doc="WeSaR reparameterisation (sentinel/optim/wesar.py).")
+    eps: EpsConfig = option(EpsConfig, doc="Adam-ε auto-tuning (sentinel/optim/eps.py).")
+    clamp: ClampConfig = option(ClampConfig, doc="Update-ratio clamp (sentinel/optim/clamp.py).")
+
+
+@dataclass
 class Config:
     enabled: bool = option(True, doc="Master switch: false installs no hooks and publishes nothing.")
     run: str | None = option(
@@ -56,6 +152,8 @@ class Config:
     )
     stats: StatsConfig = field(default_factory=StatsConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
 
 
 def load_config(source: str | Path | dict | Config | None = None, **overrides: Any) -> Config:

@@ -19,40 +19,19 @@ which needs one scratch list the size of a chunk, not a copy of the model.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from sentinel.adam import adam_chunks, chunks, is_adam
+from sentinel.optim.base import StepContext, Transform
+
+__all__ = ["StatsTap", "TensorStats", "is_adam"]
+
 GRAD = ("grad_l2", "grad_rms", "param_l2")
 UPDATE = ("update_l2", "update_ratio")
 ADAM = ("sqrt_v_rms", "sqrt_v_below_eps_fraction")
-
-
-def is_adam(optimizer: torch.optim.Optimizer) -> bool:
-    """Adam and AdamW (foreach, fused or for-loop): the optimizers whose update we can rebuild."""
-    return type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
-
-
-def _chunks(items: Iterable[int], params: Sequence[Tensor], max_elements: int) -> Iterator[list[int]]:
-    chunk, size = [], 0
-    for i in items:
-        n = params[i].numel()
-        if chunk and size + n > max_elements:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(i)
-        size += n
-    if chunk:
-        yield chunk
-
-
-def _bias_correction(steps: list[Tensor], beta: float, on_host: bool) -> list:
-    """1 - beta**step per tensor: floats for host step counters, 0-dim tensors for device ones (no sync)."""
-    if on_host:
-        return [1.0 - beta**t for t in torch.stack(steps).tolist()]
-    return [1.0 - beta**s for s in steps]
 
 
 class TensorStats:
@@ -64,20 +43,19 @@ class TensorStats:
     from its post-step hook.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str], mode: str, chunk_elements: int):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[Tensor],
+        group_of: list[int],
+        names: tuple[str, ...],
+        mode: str,
+        chunk_elements: int,
+    ):
         self.optimizer = optimizer
         self.mode = mode
         self.chunk_elements = chunk_elements
-        self.params: list[Tensor] = []
-        self.group_of: list[int] = []
-        for g, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                if p.requires_grad:
-                    self.params.append(p)
-                    self.group_of.append(g)
-        self.names = tuple(
-            names.get(id(p), f"group{g}.param{i}") for i, (p, g) in enumerate(zip(self.params, self.group_of))
-        )
+        self.params, self.group_of, self.names = params, group_of, names
         self.adam = is_adam(optimizer)
         self.stats = GRAD + (UPDATE if mode != "off" else ()) + (ADAM if self.adam else ())
         device = self.params[0].device
@@ -108,8 +86,11 @@ class TensorStats:
             self._before = [p.detach().clone() for p in params]
 
     @torch.no_grad()
-    def after_step(self) -> tuple[Tensor, Tensor]:
-        """Return (stats matrix [tensors x stats], global grad L2 norm), both on the device."""
+    def after_step(self, grad_scale: list | None = None) -> tuple[Tensor, Tensor]:
+        """Return (stats matrix [tensors x stats], global grad L2 norm), both on the device.
+
+        ``grad_scale``: per tensor, the units Adam's state is kept in (set by the ε tuner).
+        """
         n = len(self.params)
         update_l2 = [self._zero] * n
         root_v, below, root_b2 = [self._zero] * n, [self._zero] * n, [1.0] * n
@@ -128,6 +109,8 @@ class TensorStats:
             columns["update_ratio"] = torch.where(w > 0, update / w, torch.zeros_like(w))  # 0 for an all-zero W
         if self.adam:
             rb2 = torch.tensor(root_b2, device=numel.device) if isinstance(root_b2[0], float) else torch.stack(root_b2)
+            if grad_scale is not None:
+                rb2 = rb2 * torch.stack([torch.as_tensor(x, device=rb2.device) for x in grad_scale]).float()
             columns["sqrt_v_rms"] = torch.stack(root_v).float() / (numel.sqrt() * rb2)
             columns["sqrt_v_below_eps_fraction"] = torch.stack(below).float().square() / numel
         matrix = torch.stack([columns[s] for s in self.stats], dim=1)
@@ -136,7 +119,7 @@ class TensorStats:
     def _copy_update(self, update_l2: list[Tensor]) -> None:
         before, self._before = self._before, None
         params = self.params
-        for chunk in _chunks(range(len(params)), params, self.chunk_elements):
+        for chunk in chunks(range(len(params)), params, self.chunk_elements):
             delta = torch._foreach_sub([params[i] for i in chunk], [before[i] for i in chunk])
             for i, d in zip(chunk, torch._foreach_norm(delta)):
                 update_l2[i] = d
@@ -146,45 +129,34 @@ class TensorStats:
 
         √v̂ < ε ⇔ √v < ε·√b2, counted as ‖sign(min(√v - ε·√b2, 0))‖₂²: batched ops only.
         """
-        params, state = self.params, self.optimizer.state
-        by_group: dict[int, list[int]] = {}
-        for i in self._with_grad:
-            if "exp_avg_sq" in state.get(params[i], {}):
-                by_group.setdefault(self.group_of[i], []).append(i)
-        for g, members in by_group.items():
-            group = self.optimizer.param_groups[g]
-            lr, eps = float(group["lr"]), float(group["eps"])
-            beta1, beta2 = group["betas"]
-            wd = float(group["weight_decay"]) if group.get("decoupled_weight_decay", False) else 0.0
-            scale = lr / (1.0 - lr * wd)
-            v_key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
-            for chunk in _chunks(members, params, self.chunk_elements):
-                st = [state[params[i]] for i in chunk]
-                steps = [s["step"] for s in st]
-                on_host = steps[0].device.type == "cpu" if self.host_steps is None else self.host_steps
-                b1, b2 = _bias_correction(steps, beta1, on_host), _bias_correction(steps, beta2, on_host)
-                rb2 = [math.sqrt(b) if isinstance(b, float) else b.sqrt() for b in b2]
-                eps_rb2 = [eps * r for r in rb2]
-                d = torch._foreach_sqrt([s[v_key] for s in st])
-                diff = torch._foreach_sub(d, eps_rb2)
-                torch._foreach_clamp_max_(diff, 0.0)
-                torch._foreach_sign_(diff)
-                for i, norm, count, r in zip(chunk, torch._foreach_norm(d), torch._foreach_norm(diff), rb2):
-                    root_v[i], below[i], root_b2[i] = norm, count, r
-                del diff
-                if self.mode != "reconstruct":
-                    continue
-                torch._foreach_add_(d, eps_rb2)
-                w = [params[i] for i in chunk]
-                coef = [scale * r / b for r, b in zip(rb2, b1)]
-                m = [s["exp_avg"] for s in st]
-                if on_host:
-                    u = torch._foreach_mul(w, scale * wd) if wd else [torch.zeros_like(p) for p in w]
-                    torch._foreach_addcdiv_(u, m, d, coef)
-                else:  # coefficients are device tensors: addcdiv_ takes only host scalars
-                    u = torch._foreach_div(m, d)
-                    torch._foreach_mul_(u, coef)
-                    if wd:
-                        torch._foreach_add_(u, w, alpha=scale * wd)
-                for i, norm in zip(chunk, torch._foreach_norm(u)):
+        for c in adam_chunks(
+            self.optimizer, self.params, self.group_of, self._with_grad, self.chunk_elements, self.host_steps
+        ):
+            d = c.sqrt_v()
+            diff = torch._foreach_sub(d, [c.eps * r for r in c.root_b2])
+            torch._foreach_clamp_max_(diff, 0.0)
+            torch._foreach_sign_(diff)
+            for i, norm, count, r in zip(c.index, torch._foreach_norm(d), torch._foreach_norm(diff), c.root_b2):
+                root_v[i], below[i], root_b2[i] = norm, count, r
+            del diff
+            if self.mode == "reconstruct":
+                for i, norm in zip(c.index, torch._foreach_norm(c.neg_update(d))):
                     update_l2[i] = norm
+
+
+class StatsTap(Transform):
+    """TensorStats as a stage of the optimizer chain, on the steps ``due()`` selects."""
+
+    name = "stats"
+
+    def __init__(self, stats: TensorStats, due: Callable[[], bool]):
+        self.stats, self.due = stats, due
+        self.pending: tuple[Tensor, Tensor] | None = None
+
+    def before_step(self, ctx: StepContext) -> None:
+        if self.due():
+            self.stats.before_step()
+
+    def after_step(self, ctx: StepContext) -> None:
+        if self.due():
+            self.pending = self.stats.after_step(ctx.grad_scale)

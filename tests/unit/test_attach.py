@@ -73,7 +73,7 @@ def test_failing_statistics_never_crash_the_step(caplog: pytest.LogCaptureFixtur
     model, optimizer, _, data = _setup()
     sn = sentinel.attach(model, optimizer, publish={"enabled": False})
 
-    def broken() -> None:
+    def broken(*args: object) -> None:
         raise RuntimeError("injected")
 
     sn.stats.after_step = broken

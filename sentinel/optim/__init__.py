@@ -1,0 +1,87 @@
+"""Stabilising optimizer transforms, composed around the user's own optimizer (chain.py).
+
+guard.py  in-step guard: skip or clip outlier and non-finite updates
+wesar.py  WeSaR reparameterisation W̄ = α·W (papers/001)
+eps.py    Adam-ε auto-tuning (papers/003 §3.4)
+clamp.py  per-role update-ratio clamp
+All are off unless the config turns them on; the guard is always present to carry out
+requested skips (``sn.skip_updates``, the agent's skip_update command).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sentinel.config import Config
+from sentinel.optim.base import StepContext, Transform, optimizer_params
+from sentinel.optim.chain import Chain
+from sentinel.optim.clamp import Clamp
+from sentinel.optim.eps import EpsTune
+from sentinel.optim.guard import Guard
+from sentinel.optim.wesar import WeSaR
+
+__all__ = ["Chain", "Clamp", "EpsTune", "Guard", "StepContext", "Transform", "WeSaR", "build", "optimizer_params"]
+
+
+def build(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    params: list[Tensor],
+    group_of: list[int],
+    names: tuple[str, ...],
+) -> dict[str, Transform]:
+    """The transforms the config turns on, constructed in dependency order (WeSaR adds a param group)."""
+    cfg = config.optim
+    g = cfg.guard
+    transforms: dict[str, Transform] = {
+        "guard": Guard(action=g.action, z=g.z, alpha=g.alpha, warmup=g.warmup, detect=g.enabled)
+    }
+    roles: dict[str, str] = {}
+    role_map = None
+    if cfg.wesar.enabled or cfg.clamp.enabled:
+        from sentinel.roles import assign_roles
+
+        role_map = assign_roles(model, config.roles.preset, config.roles.overrides)
+        for name in names:
+            r = role_map.get(name)
+            if r is not None:
+                roles[name] = r.role
+    if cfg.wesar.enabled:
+        w = cfg.wesar
+        dims = {k: getattr(w, k) or getattr(role_map, k) for k in ("d_model", "d_ffn", "n_layers")}
+        missing = [k for k, v in dims.items() if not v]
+        if missing:
+            raise ValueError(f"WeSaR needs {', '.join('optim.wesar.' + k for k in missing)}: not inferable from roles")
+        transforms["wesar"] = WeSaR(
+            optimizer,
+            params,
+            names,
+            roles,
+            d=dims["d_model"],
+            d_ffn=dims["d_ffn"],
+            n_layers=dims["n_layers"],
+            init=w.init,
+            sigma2=w.sigma2,
+            gate_lr_scale=w.gate_lr_scale,
+            gate_weight_decay=w.gate_weight_decay,
+        )
+    if cfg.eps.enabled:
+        e = cfg.eps
+        transforms["eps"] = EpsTune(
+            optimizer, params, group_of, ratio=e.ratio, floor=e.floor, every=e.every, per_decade=e.per_decade
+        )
+    if cfg.clamp.enabled:
+        c = cfg.clamp
+        transforms["clamp"] = Clamp(
+            optimizer,
+            params,
+            group_of,
+            names,
+            roles,
+            max_ratio=dict(c.max_ratio),
+            default=c.default,
+            chunk_elements=config.stats.chunk_elements,
+        )
+    return transforms

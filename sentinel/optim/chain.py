@@ -1,0 +1,70 @@
+"""The one place that composes the transforms, in a fixed, documented order.
+
+Before the step (pre-step hook), in this order:
+  1. guard   decides on the raw gradients whether this update happens at all;
+             a skipped step runs nothing else.
+  2. wesar   turns W̄ into the actual W and ḡ into the gradients of W and of the gates.
+  5. clamp   notes ‖W‖ of the matrices it bounds.
+  3. stats   reads gradient norms and ‖W‖ (actual parameters, true gradient units).
+  4. eps     scales gradients into the per-tensor units that give each tensor its own ε.
+After the step (post-step hook), in reverse:
+  4. eps     nothing to undo (Adam's state stays in the scaled units; eps knows them).
+  3. stats   rebuilds the update the optimizer proposed.
+  5. clamp   pulls an update ratio above its role's maximum back to it.
+  2. wesar   writes W̄ = α·W back into the module.
+Statistics therefore describe the actual parameters WeSaR trains and the update the
+optimizer proposed; the clamp's per-tensor factor says how much of it was applied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sentinel.optim.base import StepContext, Transform
+
+PRE_ORDER = ("guard", "wesar", "clamp", "stats", "eps")
+POST_ORDER = ("eps", "stats", "clamp", "wesar")
+
+
+class Chain:
+    def __init__(self, transforms: dict[str, Transform]):
+        unknown = set(transforms) - set(PRE_ORDER) - set(POST_ORDER)
+        if unknown:
+            raise ValueError(f"unknown transforms {sorted(unknown)}")
+        self.transforms = transforms
+
+    def before_step(self, ctx: StepContext) -> None:
+        for name in PRE_ORDER:
+            t = self.transforms.get(name)
+            if t is not None:
+                t.before_step(ctx)
+                if ctx.skip:
+                    return
+
+    def after_step(self, ctx: StepContext) -> None:
+        if ctx.skip:
+            return
+        for name in POST_ORDER:
+            t = self.transforms.get(name)
+            if t is not None:
+                t.after_step(ctx)
+
+    def columns(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for t in self.transforms.values():
+            out.update(t.columns())
+        return out
+
+    def scalars(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for t in self.transforms.values():
+            out.update(t.scalars())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: t.state_dict() for name, t in self.transforms.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, t in self.transforms.items():
+            if name in state:
+                t.load_state_dict(state[name])

@@ -1,0 +1,114 @@
+"""Update-ratio clamp: no matrix may move by more than its role's share of itself in one step.
+
+Why: before a spike the update ratio ‖ΔW‖/‖W‖ of the small matrices (W_d, W_o) runs ahead
+of the others (WeSaR, papers/001, §3.3 and Fig. 1).  The clamp bounds it per role: after the
+step, a matrix whose ratio exceeds its maximum is moved back along its own update,
+W ← W_before + c·ΔW with c = max/ratio, so its ratio equals the maximum exactly and its
+direction is kept.  Adam's state is left as the optimizer wrote it.
+
+Memory: for Adam and AdamW ΔW is rebuilt from the optimizer state after the step
+(sentinel/adam.py), in chunks of at most ``chunk_elements`` elements, so no copy of the
+parameters is kept; for other optimizers the clamped matrices are copied before the step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sentinel.adam import adam_chunks, is_adam
+from sentinel.optim.base import StepContext, Transform
+
+log = logging.getLogger("sentinel")
+
+
+class Clamp(Transform):
+    name = "clamp"
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[Tensor],
+        group_of: list[int],
+        names: tuple[str, ...],
+        roles: dict[str, str],
+        *,
+        max_ratio: dict[str, float],
+        default: float | None = None,
+        chunk_elements: int = 1 << 25,
+    ):
+        self.optimizer, self.params, self.group_of = optimizer, params, group_of
+        self.chunk_elements = chunk_elements
+        limits = {}
+        for i, (p, name) in enumerate(zip(params, names)):
+            limit = max_ratio.get(roles.get(name, ""), default)
+            if p.dim() >= 2 and limit is not None:
+                limits[i] = limit
+        if not limits:
+            raise ValueError("update-ratio clamp: no matrix has a maximum (set clamp.max_ratio per role or default)")
+        self.index = sorted(limits)
+        self.limit = {i: limits[i] for i in self.index}
+        self.names = names
+        self.adam = is_adam(optimizer)
+        device = params[0].device
+        self.factor = torch.ones(len(params), device=device)
+        self.events = torch.zeros((), device=device, dtype=torch.int64)
+        self._before_norm: dict[int, Tensor] = {}
+        self._before: dict[int, Tensor] = {}
+
+    @torch.no_grad()
+    def before_step(self, ctx: StepContext) -> None:
+        active = [i for i in self.index if self.params[i].grad is not None]
+        norms = torch._foreach_norm([self.params[i] for i in active]) if active else []
+        self._before_norm = dict(zip(active, norms))
+        if not self.adam:
+            self._before = {i: self.params[i].detach().clone() for i in active}
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        self.factor.fill_(1.0)
+        active = list(self._before_norm)
+        if not active:
+            return
+        if self.adam:
+            for c in adam_chunks(self.optimizer, self.params, self.group_of, active, self.chunk_elements):
+                self._apply(ctx, c.index, c.neg_update(c.sqrt_v()))
+        else:
+            before, self._before = self._before, {}
+            neg = [before[i] - self.params[i] for i in active]
+            self._apply(ctx, active, neg)
+
+    def _apply(self, ctx: StepContext, index: list[int], neg_update: list[Tensor]) -> None:
+        norms = torch.stack(torch._foreach_norm(neg_update)).float()
+        before = torch.stack([self._before_norm[i] for i in index]).float()
+        limit = torch.tensor([self.limit[i] for i in index], device=norms.device)
+        ratio = torch.where(before > 0, norms / before, torch.zeros_like(norms))
+        factor = torch.where(ratio > limit, limit / ratio, torch.ones_like(ratio))
+        self.factor[index] = factor
+        over = factor < 1
+        self.events += over.sum()
+        if self.params[0].device.type == "cpu":  # on the host, act on (and log) only the clamped matrices
+            for k in over.nonzero().flatten().tolist():
+                i = index[k]
+                self.params[i].add_(neg_update[k], alpha=float(1 - factor[k]))
+                evidence = {"param": self.names[i], "ratio": float(ratio[k]), "max": self.limit[i]}
+                ctx.events.append({"action": "clamp", "step": ctx.step, **evidence})
+                log.info("sentinel clamp: step %d %s", ctx.step, evidence)
+        else:  # on a device, no host sync: every matrix gets W += (1 - c)·(-ΔW), a no-op where c = 1
+            torch._foreach_mul_(neg_update, list((1 - factor).unbind()))
+            torch._foreach_add_([self.params[i] for i in index], neg_update)
+
+    def columns(self) -> dict[str, Tensor]:
+        return {"clamp_factor": self.factor.clone()}
+
+    def scalars(self) -> dict[str, Tensor]:
+        return {"clamp_events": self.events.float()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"events": int(self.events)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.events.fill_(int(state["events"]))

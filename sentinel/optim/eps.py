@@ -1,0 +1,128 @@
+"""Adam-ε auto-tuning: keep each tensor's ε well below its √v̂ (papers/003, Wortsman et al., §3.4).
+
+Why: when gradients shrink (large models, late training, a loss scaled down), Adam's √v̂
+falls toward ε and the update m̂/(√v̂ + ε) shrinks with it: training stalls although nothing
+is wrong.  Wortsman et al. show grad RMS reaching ε = 1e-8 at scale, ε = 1e-15 fixing it,
+and a larger ε (1e-6) diverging.  So ε is only ever lowered, never raised past the user's.
+
+Rule: every ``every`` steps, per tensor, ε_t = clamp(ratio × RMS(√v̂), floor, ε_user),
+rounded down to ``per_decade`` buckets per decade (so it does not churn).  Default ratio
+1e-3: ε then moves an average element's denominator by 0.1 %.  Default floor 1e-16: below
+Wortsman's working 1e-15, and far above float32's smallest normal (1.2e-38) for v̂ ~ ε².
+
+How, without a param group per tensor (so fused/foreach AdamW and LR schedulers are
+untouched): Adam is invariant to scaling a tensor's gradient by s except for ε, so
+gradient and state kept in units × s give update m̂/(√v̂ + ε_user/s).  Each tensor has its
+own s = ε_user/ε_t ≥ 1; gradients are multiplied by s before the step, and when s changes,
+the state is rescaled (m by r, v by r²) to the new units. Deciding whether anything
+changed reads one small vector from the device every ``every`` steps.  Adam's state therefore holds
+scaled values; ``scale`` is in sentinel's state_dict so a resumed run continues exactly.
+Needs decoupled weight decay (AdamW, or Adam without weight decay): Adam's L2 term would
+be added to the scaled gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sentinel.adam import is_adam
+from sentinel.optim.base import StepContext, Transform
+
+log = logging.getLogger("sentinel")
+
+
+class EpsTune(Transform):
+    name = "eps"
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[Tensor],
+        group_of: list[int],
+        *,
+        ratio: float = 1e-3,
+        floor: float = 1e-16,
+        every: int = 10,
+        per_decade: int = 4,
+    ):
+        if not is_adam(optimizer):
+            raise ValueError(f"eps auto-tuning needs torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
+        for g in optimizer.param_groups:
+            if g.get("weight_decay", 0) and not g.get("decoupled_weight_decay", False):
+                raise ValueError(
+                    "eps auto-tuning needs decoupled weight decay: use AdamW (Adam adds wd·W to the gradient)"
+                )
+        self.optimizer, self.params, self.group_of = optimizer, params, group_of
+        self.ratio, self.floor, self.every, self.per_decade = ratio, floor, every, per_decade
+        device = params[0].device
+        self.user_eps = torch.tensor([float(optimizer.param_groups[g]["eps"]) for g in group_of], device=device)
+        self.scale = torch.ones(len(params), device=device)
+        self.calls = 0
+
+    @torch.no_grad()
+    def before_step(self, ctx: StepContext) -> None:
+        if self.calls % self.every == 0:
+            self._retune()
+        self.calls += 1
+        scales = list(self.scale.unbind())
+        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if with_grad:
+            torch._foreach_mul_([self.params[i].grad for i in with_grad], [scales[i] for i in with_grad])
+        ctx.grad_scale = scales
+
+    def _retune(self) -> None:
+        state = self.optimizer.state
+        idx = [i for i, p in enumerate(self.params) if "exp_avg_sq" in state.get(p, {})]
+        if not idx:
+            return
+        groups = self.optimizer.param_groups
+        v = [state[self.params[i]]["exp_avg_sq"] for i in idx]
+        b2 = torch.stack(
+            [1 - groups[self.group_of[i]]["betas"][1] ** state[self.params[i]]["step"].to(v[0].device) for i in idx]
+        ).float()
+        numel = torch.tensor([self.params[i].numel() for i in idx], device=v[0].device, dtype=torch.float32)
+        sums = torch.stack(torch._foreach_norm(v, 1)).float()
+        old = self.scale[idx]
+        rms = (sums / (numel * b2)).sqrt() / old  # RMS of √v̂ in true gradient units
+        user = self.user_eps[idx]
+        target = torch.minimum(torch.clamp(self.ratio * rms, min=self.floor), user)
+        exponent = torch.ceil(torch.log10(user / target) * self.per_decade - 1e-6) / self.per_decade
+        new = torch.clamp(10.0**exponent, min=1.0, max=float(user.max() / self.floor))
+        if torch.equal(new, old):
+            return
+        r = list((new / old).unbind())
+        r2 = list((new / old).square().unbind())
+        sts = [state[self.params[i]] for i in idx]
+        torch._foreach_mul_([s["exp_avg"] for s in sts], r)
+        torch._foreach_mul_([s["exp_avg_sq"] for s in sts], r2)
+        ams = [k for k, s in enumerate(sts) if "max_exp_avg_sq" in s]
+        if ams:
+            torch._foreach_mul_([sts[k]["max_exp_avg_sq"] for k in ams], [r2[k] for k in ams])
+        self.scale[idx] = new
+        log.info(
+            "sentinel eps: %d tensor(s) retuned at step %d; effective ε now in [%.3g, %.3g] (RMS √v̂ in [%.3g, %.3g])",
+            int((new != old).sum()),
+            self.calls,
+            float((user / new).min()),
+            float((user / new).max()),
+            float(rms.min()),
+            float(rms.max()),
+        )
+
+    def columns(self) -> dict[str, Tensor]:
+        return {"adam_eps": (self.user_eps / self.scale).float()}
+
+    def scalars(self) -> dict[str, Tensor]:
+        eff = self.user_eps / self.scale
+        return {"adam_eps_min": eff.min(), "adam_eps_max": eff.max()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale.cpu().clone(), "calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale.copy_(state["scale"])
+        self.calls = int(state["calls"])

@@ -1,0 +1,105 @@
+"""In-step guard: refuse an update whose gradients are non-finite or far outside their recent range.
+
+Why: a single bad batch can produce a gradient orders of magnitude above normal (BLOOM-176B's
+grad norm rose from 0.24 to 960 in the five iterations before its spike; DESIGN.md), and one
+such Adam step can push the run off a cliff.  The guard keeps an EMA of the global gradient
+norm and of its variance (ZClip: α = 0.97, 25 warm-up steps) and, before the update:
+- a non-finite gradient always skips the update;
+- a z-score above ``z`` skips it (``action: skip``, the default) or scales the gradients down
+  to the EMA bound mean + z·std (``action: clip``).
+The guard reads the global gradient norm on the host once per step (a device sync on GPU)
+when detection is on.  Default z = 6: OLMo-core's SkipStepAdamW skips at 6σ; ZClip's 2.5 is meant for clipping and
+fires routinely, which a skip must not.  Outliers do not enter the EMA.  A skipped update
+leaves parameters and optimizer state untouched: gradients are dropped, so the optimizer
+sees no parameter to update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from sentinel.optim.base import StepContext, Transform
+
+log = logging.getLogger("sentinel")
+
+
+class Guard(Transform):
+    name = "guard"
+
+    def __init__(
+        self, action: str = "skip", z: float = 6.0, alpha: float = 0.97, warmup: int = 25, detect: bool = True
+    ):
+        self.action, self.z, self.alpha, self.warmup, self.detect = action, z, alpha, warmup, detect
+        self.mean = 0.0
+        self.var = 0.0
+        self.seen = 0
+        self.skips = 0
+        self.clips = 0
+        self.pending_skips = 0
+        self.last_z = 0.0
+
+    def skip_next(self, n: int) -> None:
+        self.pending_skips += n
+
+    def before_step(self, ctx: StepContext) -> None:
+        grads = [p.grad for p in ctx.params if p.grad is not None]
+        if self.pending_skips > 0:
+            self.pending_skips -= 1
+            self._skip(ctx, {"reason": "requested", "remaining": self.pending_skips})
+            return
+        if not grads or not self.detect:
+            return
+        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
+        if not math.isfinite(norm):
+            self._skip(ctx, {"reason": "non-finite gradient", "grad_norm": norm})
+            return
+        std = math.sqrt(self.var)
+        z = (norm - self.mean) / std if self.seen >= self.warmup and std > 0 else 0.0
+        self.last_z = z
+        if z > self.z:
+            evidence = {"grad_norm": norm, "ema_mean": self.mean, "ema_std": std, "z": z, "threshold": self.z}
+            if self.action == "skip":
+                self._skip(ctx, {"reason": "grad-norm z-score", **evidence})
+                return
+            bound = self.mean + self.z * std
+            torch._foreach_mul_(grads, bound / norm)
+            self.clips += 1
+            ctx.events.append({"action": "clip", "step": ctx.step, "clipped_to": bound, **evidence})
+            log.warning("sentinel guard: gradients clipped to %.4g at step %d (%s)", bound, ctx.step, evidence)
+            norm = bound
+        self._update(norm)
+
+    def _update(self, norm: float) -> None:
+        if self.seen == 0:
+            self.mean, self.var = norm, 0.0
+        else:
+            delta = norm - self.mean
+            self.mean += (1 - self.alpha) * delta
+            self.var = self.alpha * (self.var + (1 - self.alpha) * delta * delta)
+        self.seen += 1
+
+    def _skip(self, ctx: StepContext, evidence: dict[str, Any]) -> None:
+        for p in ctx.params:
+            p.grad = None
+        ctx.skip = True
+        self.skips += 1
+        ctx.events.append({"action": "skip_update", "step": ctx.step, **evidence})
+        log.warning("sentinel guard: update skipped at step %d: %s", ctx.step, evidence)
+
+    def scalars(self) -> dict[str, float]:
+        out = {"update_skips": float(self.skips)}
+        if self.detect:
+            out.update(guard_clips=float(self.clips), guard_grad_norm_z=self.last_z)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = ("mean", "var", "seen", "skips", "clips", "pending_skips")
+        return {k: getattr(self, k) for k in keys}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)

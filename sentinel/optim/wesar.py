@@ -1,0 +1,141 @@
+"""WeSaR: weight scaling as reparameterisation (papers/001, Nishida et al., §4).
+
+Why: to keep gradients from vanishing or exploding, initialisations give the small matrices
+(W_o, W_d: residual scaling 1/√(2N)) a smaller norm, so the same Adam step moves them
+relatively more; their update ratios run ahead and the run spikes (§3.3, Fig. 1).  WeSaR
+trains W̄ = α·W with one trainable gate α per matrix and every actual W ~ N(0, σ²) with one
+common σ (σ² = 4e-5, §4.3), so every W has the same norm and the same update ratio, while
+α·W keeps the variance the initialisation wants (Table 1).  With Adam the update of W does
+not depend on α (§4.2), so σ_target costs nothing in step size.
+
+How, with hooks only: the module always holds the virtual weight W̄, so the forward pass,
+inference, checkpoints of the module and Transformer Engine modules see an ordinary weight.
+Before the step the tensor becomes W = W̄/α and its gradient ∂L/∂W = α·∂L/∂W̄, and the gates
+get ∂L/∂α = ⟨∂L/∂W̄, W⟩; the user's optimizer updates W and the gates (one extra param group
+holding a single vector of gates); after the step the tensor becomes α·W again.
+
+σ_target per role (Table 1, He initialisation with embedding and residual scaling, gain √2
+for the matrix after the FFN activation), for hidden size d, FFN size d_ffn and N blocks:
+  embedding 1;  q, k, v, qkv, up, gate, gate_up, head  √(1/d);
+  o  √(1/(2N·d));  down  √(2/d_ffn)·√(1/(2N))  (= √(2/(8N·d)) for d_ffn = 4d).
+A fused matrix (qkv, gate_up) has one gate: all its parts share the same σ_target.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sentinel.optim.base import StepContext, Transform
+
+log = logging.getLogger("sentinel")
+
+GATED_ROLES = ("embedding", "q", "k", "v", "qkv", "o", "up", "gate", "gate_up", "down", "head")
+
+
+def sigma_target(role: str, d: int, d_ffn: int, n_layers: int) -> float:
+    """The standard deviation WeSaR's Table 1 gives the virtual weight αW of this role."""
+    if role == "embedding":
+        return 1.0
+    if role in ("q", "k", "v", "qkv", "up", "gate", "gate_up", "head"):
+        return math.sqrt(1.0 / d)
+    if role == "o":
+        return math.sqrt(1.0 / (2 * n_layers * d))
+    if role == "down":
+        return math.sqrt(2.0 / d_ffn) * math.sqrt(1.0 / (2 * n_layers))
+    raise ValueError(f"WeSaR has no gate for role {role!r}; gated roles: {', '.join(GATED_ROLES)}")
+
+
+class WeSaR(Transform):
+    name = "wesar"
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[Tensor],
+        names: tuple[str, ...],
+        roles: dict[str, str],
+        *,
+        d: int,
+        d_ffn: int,
+        n_layers: int,
+        init: str = "keep",
+        sigma2: float = 4e-5,
+        gate_lr_scale: float = 1.0,
+        gate_weight_decay: float = 0.0,
+        generator: torch.Generator | None = None,
+    ):
+        self.optimizer = optimizer
+        self.sigma = math.sqrt(sigma2)
+        self.gate_lr_scale = gate_lr_scale
+        self.n_params = len(params)
+        self.index = [i for i, n in enumerate(names) if roles.get(n) in GATED_ROLES and params[i].dim() >= 2]
+        self.params = [params[i] for i in self.index]
+        self.names = [names[i] for i in self.index]
+        if not self.params:
+            raise ValueError("WeSaR found no matrix with a gated role; check the role map (`sentinel audit`)")
+        alphas = []
+        with torch.no_grad():
+            for name, p in zip(self.names, self.params):
+                if init == "wesar":
+                    alpha = sigma_target(roles[name], d, d_ffn, n_layers) / self.sigma
+                    actual = torch.empty_like(p).normal_(0.0, self.sigma, generator=generator)
+                    p.copy_(actual * alpha)
+                else:
+                    rms = float(p.detach().double().square().mean().sqrt())
+                    if rms == 0:
+                        raise ValueError(f"WeSaR init 'keep': {name} is all zeros; use init 'wesar'")
+                    alpha = rms / self.sigma
+                alphas.append(alpha)
+        self.gates = torch.nn.Parameter(torch.tensor(alphas, dtype=self.params[0].dtype, device=self.params[0].device))
+        optimizer.add_param_group({"params": [self.gates], "lr": self._gate_lr(), "weight_decay": gate_weight_decay})
+        log.info(
+            "sentinel wesar: %d matrices gated (init %s, σ²=%g); gates in optimizer param group %d",
+            len(self.params),
+            init,
+            sigma2,
+            len(optimizer.param_groups) - 1,
+        )
+
+    def _gate_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"]) * self.gate_lr_scale
+
+    @torch.no_grad()
+    def before_step(self, ctx: StepContext) -> None:
+        self.optimizer.param_groups[-1]["lr"] = self._gate_lr()  # schedulers move group 0; gates follow
+        alphas = list(self.gates.detach().unbind())
+        grad = torch.zeros_like(self.gates)
+        with_grad = [k for k, p in enumerate(self.params) if p.grad is not None]
+        for k in with_grad:
+            p = self.params[k]
+            grad[k] = torch.vdot(p.grad.reshape(-1), p.detach().reshape(-1)) / alphas[k]
+        if with_grad:
+            torch._foreach_mul_([self.params[k].grad for k in with_grad], [alphas[k] for k in with_grad])
+        torch._foreach_div_([p.data for p in self.params], alphas)
+        self.gates.grad = grad
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        torch._foreach_mul_([p.data for p in self.params], list(self.gates.detach().unbind()))
+
+    def columns(self) -> dict[str, Tensor]:
+        """α per tensor; 1 for tensors without a gate (their W̄ is W)."""
+        gates = torch.ones(self.n_params, device=self.gates.device)
+        gates[self.index] = self.gates.detach().float()
+        return {"wesar_gate": gates}
+
+    def gate_of(self) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.gates.detach().unbind()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"names": list(self.names), "gates": self.gates.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["names"]) != self.names:
+            raise ValueError("WeSaR state was saved for a different set of gated matrices")
+        with torch.no_grad():
+            self.gates.copy_(state["gates"])
