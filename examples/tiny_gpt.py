@@ -7,6 +7,7 @@ marked `# sentinel`.  Run it:  python examples/tiny_gpt.py --steps 200
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sysconfig
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import sentinel
 # ---------------------------------------------------------------- data: bytes of *.py files
 
 
+@functools.lru_cache(maxsize=2)
 def stdlib_corpus(max_bytes: int = 4_000_000) -> torch.Tensor:
     """The first `max_bytes` bytes of the standard library's .py files, in sorted path order."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -124,6 +126,11 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
+
+
+def model() -> GPT:
+    """The demo model with default sizes: `sentinel audit examples/tiny_gpt.py:model`."""
+    return GPT(GPTConfig())
 
 
 # ---------------------------------------------------------------- training

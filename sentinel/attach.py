@@ -21,7 +21,9 @@ import torch
 
 from agent.protocol import Layout
 from sentinel.adam import is_adam
+from sentinel.checkpoint import CheckpointManager
 from sentinel.config import Config, load_config
+from sentinel.control import Control
 from sentinel.data import BatchPosition
 from sentinel.optim import Chain, Guard, StepContext, optimizer_params
 from sentinel.optim import build as build_transforms
@@ -41,7 +43,9 @@ def _dist_rank() -> int:
 class Sentinel:
     """The handle returned by :func:`attach`. Call :meth:`observe` once per training step."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config):
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config, lr_scheduler: Any = None
+    ):
         self.config = config
         self.model, self.optimizer = model, optimizer
         self.step = 0
@@ -59,6 +63,9 @@ class Sentinel:
         self.guard: Guard | None = None
         self._ctx: StepContext | None = None
         self.publisher: Publisher | None = None
+        self.lr_scheduler = lr_scheduler
+        self.checkpoints: CheckpointManager | None = None
+        self.control: Control | None = None
         logging.getLogger("sentinel").setLevel(config.log_level.upper())
         if not config.enabled:
             log.info("sentinel: disabled by config; no hooks installed")
@@ -108,6 +115,8 @@ class Sentinel:
         if config.publish.enabled and publishes:
             self.publisher = Publisher(config.publish.endpoint, self.run, self.rank, config.publish.queue)
             log.info("sentinel: run %r rank %d publishing to %s", self.run, self.rank, config.publish.endpoint)
+        self.checkpoints = CheckpointManager.create(self, config.checkpoint)
+        self.control = Control(self, config.control)
 
     def _stats_due(self) -> bool:
         return self.stats is not None and self.step % self.config.stats.every == 0
@@ -115,6 +124,11 @@ class Sentinel:
     @property
     def skipped_updates(self) -> int:
         return self.guard.skips if self.guard is not None else 0
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a ``stop`` command was applied; ``sn.batches()`` then ends at its next batch."""
+        return self.position.stopped
 
     def skip_updates(self, n: int, reason: str) -> None:
         """Skip the next ``n`` optimizer updates, leaving parameters and optimizer state untouched.
@@ -144,14 +158,11 @@ class Sentinel:
         del self.events[:-1000]
 
     def _run_chain(self, fn: Any) -> None:
-        try:
-            fn(self._ctx)
-        except Exception:
-            self.errors += 1
-            log.exception("sentinel: optimizer hook failed at step %d; statistics are now off", self.step)
-            if self.stats is not None:
-                self.stats = None
-                self.chain.transforms.pop("stats", None)
+        errors = self.chain.errors
+        fn(self._ctx)
+        self.errors += self.chain.errors - errors
+        if self.stats is not None and "stats" not in self.chain.transforms:
+            self.stats = None
 
     def observe(self, loss: torch.Tensor | float | None = None, **scalars: torch.Tensor | float) -> None:
         """Mark the end of a training step and publish what was measured during it.
@@ -159,6 +170,7 @@ class Sentinel:
         ``loss`` and any other scalars (tensors stay on the device; no host sync here).
         """
         now = time.perf_counter()
+        grad_norm = self._pending[1] if self._pending is not None else None
         try:
             self._publish(now, loss, scalars)
         except Exception:
@@ -166,6 +178,8 @@ class Sentinel:
             log.exception("sentinel: publishing failed at step %d (training continues)", self.step)
         self._last_time = now
         self.step += 1
+        if self.control is not None:
+            self.control.boundary(loss, grad_norm)  # commands, then checkpoints; never raises
 
     def _publish(self, now: float, loss: Any, scalars: dict[str, Any]) -> None:
         pending, self._pending = self._pending, None
@@ -212,6 +226,8 @@ class Sentinel:
         state = {"version": STATE_VERSION, "step": self.step, "data": self.position.state_dict()}
         if self.chain is not None:
             state["optim"] = self.chain.state_dict()
+        if self.control is not None:
+            state["control"] = self.control.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -221,6 +237,8 @@ class Sentinel:
         self.position.load_state_dict(state["data"])
         if self.chain is not None and "optim" in state:
             self.chain.load_state_dict(state["optim"])
+        if self.control is not None and "control" in state:
+            self.control.load_state_dict(state["control"])
 
     @property
     def counters(self) -> dict[str, int]:
@@ -234,6 +252,10 @@ class Sentinel:
 
     def close(self) -> None:
         """Flush in-flight statistics, remove every hook, close the socket. Idempotent."""
+        if self.control is not None:
+            self.control.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close()
         if self.publisher is not None:
             for data, (step, lay) in self._transfer.ready(wait=True):
                 self.publisher.publish(step, lay, np.asarray(data))
@@ -254,12 +276,15 @@ def attach(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     config: str | Path | dict | Config | None = None,
+    *,
+    lr_scheduler: Any = None,
     **overrides: Any,
 ) -> Sentinel:
     """Attach sentinel to ``model`` and ``optimizer``.
 
     ``config`` is a YAML path, a dict or a :class:`Config`; keyword overrides take dotted
-    keys as ``stats__every=10`` or plain ``run="exp1"``.
+    keys as ``stats__every=10`` or plain ``run="exp1"``.  ``lr_scheduler`` (optional) is
+    checkpointed with the model and kept in step by the agent's ``lr_scale`` command.
     """
     overrides = {k.replace("__", "."): v for k, v in overrides.items()}
-    return Sentinel(model, optimizer, load_config(config, **overrides))
+    return Sentinel(model, optimizer, load_config(config, **overrides), lr_scheduler=lr_scheduler)

@@ -18,9 +18,12 @@ optimizer proposed; the clamp's per-tensor factor says how much of it was applie
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sentinel.optim.base import StepContext, Transform
+
+log = logging.getLogger("sentinel")
 
 PRE_ORDER = ("guard", "wesar", "clamp", "stats", "eps")
 POST_ORDER = ("eps", "stats", "clamp", "wesar")
@@ -32,22 +35,39 @@ class Chain:
         if unknown:
             raise ValueError(f"unknown transforms {sorted(unknown)}")
         self.transforms = transforms
+        self.errors = 0
+
+    def _call(self, name: str, method: str, ctx: StepContext) -> None:
+        """One transform's hook; a failure is logged and never reaches the training loop.
+
+        The failing transform is turned off, except WeSaR: its before/after pair must keep
+        converting between W and W̄, or the module would be left holding the wrong weight.
+        """
+        t = self.transforms.get(name)
+        if t is None:
+            return
+        try:
+            getattr(t, method)(ctx)
+        except Exception:
+            self.errors += 1
+            keep = name == "wesar"
+            log.exception(
+                "sentinel: %s.%s failed at step %d; %s", name, method, ctx.step, "kept" if keep else "now off"
+            )
+            if not keep:
+                self.transforms.pop(name)
 
     def before_step(self, ctx: StepContext) -> None:
         for name in PRE_ORDER:
-            t = self.transforms.get(name)
-            if t is not None:
-                t.before_step(ctx)
-                if ctx.skip:
-                    return
+            self._call(name, "before_step", ctx)
+            if ctx.skip:
+                return
 
     def after_step(self, ctx: StepContext) -> None:
         if ctx.skip:
             return
         for name in POST_ORDER:
-            t = self.transforms.get(name)
-            if t is not None:
-                t.after_step(ctx)
+            self._call(name, "after_step", ctx)
 
     def columns(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -79,13 +79,15 @@ class Clamp(Transform):
         else:
             before, self._before = self._before, {}
             neg = [before[i] - self.params[i] for i in active]
-            self._apply(ctx, active, neg)
+            self._apply(ctx, active, neg, before)
 
-    def _apply(self, ctx: StepContext, index: list[int], neg_update: list[Tensor]) -> None:
+    def _apply(
+        self, ctx: StepContext, index: list[int], neg_update: list[Tensor], before: dict[int, Tensor] | None = None
+    ) -> None:
         norms = torch.stack(torch._foreach_norm(neg_update)).float()
-        before = torch.stack([self._before_norm[i] for i in index]).float()
+        w_norm = torch.stack([self._before_norm[i] for i in index]).float()
         limit = torch.tensor([self.limit[i] for i in index], device=norms.device)
-        ratio = torch.where(before > 0, norms / before, torch.zeros_like(norms))
+        ratio = torch.where(w_norm > 0, norms / w_norm, torch.zeros_like(norms))
         factor = torch.where(ratio > limit, limit / ratio, torch.ones_like(ratio))
         self.factor[index] = factor
         over = factor < 1
@@ -93,7 +95,10 @@ class Clamp(Transform):
         if self.params[0].device.type == "cpu":  # on the host, act on (and log) only the clamped matrices
             for k in over.nonzero().flatten().tolist():
                 i = index[k]
-                self.params[i].add_(neg_update[k], alpha=float(1 - factor[k]))
+                if before is not None:  # W_before + c·ΔW, exact where the copy exists
+                    self.params[i].copy_(torch.lerp(before[i], self.params[i], factor[k].to(before[i])))
+                else:
+                    self.params[i].add_(neg_update[k], alpha=float(1 - factor[k]))
                 evidence = {"param": self.names[i], "ratio": float(ratio[k]), "max": self.limit[i]}
                 ctx.events.append({"action": "clamp", "step": ctx.step, **evidence})
                 log.info("sentinel clamp: step %d %s", ctx.step, evidence)

@@ -62,10 +62,11 @@ class EpsTune(Transform):
         self.user_eps = torch.tensor([float(optimizer.param_groups[g]["eps"]) for g in group_of], device=device)
         self.scale = torch.ones(len(params), device=device)
         self.calls = 0
+        self.tuned = False  # retune on the first step that has Adam state, then every ``every`` steps
 
     @torch.no_grad()
     def before_step(self, ctx: StepContext) -> None:
-        if self.calls % self.every == 0:
+        if self.calls % self.every == 0 or not self.tuned:
             self._retune()
         self.calls += 1
         scales = list(self.scale.unbind())
@@ -86,6 +87,7 @@ class EpsTune(Transform):
         ).float()
         numel = torch.tensor([self.params[i].numel() for i in idx], device=v[0].device, dtype=torch.float32)
         sums = torch.stack(torch._foreach_norm(v, 1)).float()
+        self.tuned = True
         old = self.scale[idx]
         rms = (sums / (numel * b2)).sqrt() / old  # RMS of √v̂ in true gradient units
         user = self.user_eps[idx]
@@ -121,8 +123,9 @@ class EpsTune(Transform):
         return {"adam_eps_min": eff.min(), "adam_eps_max": eff.max()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale.cpu().clone(), "calls": self.calls}
+        return {"scale": self.scale.cpu().clone(), "calls": self.calls, "tuned": self.tuned}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale.copy_(state["scale"])
         self.calls = int(state["calls"])
+        self.tuned = bool(state["tuned"])

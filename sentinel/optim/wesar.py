@@ -11,8 +11,12 @@ not depend on α (§4.2), so σ_target costs nothing in step size.
 How, with hooks only: the module always holds the virtual weight W̄, so the forward pass,
 inference, checkpoints of the module and Transformer Engine modules see an ordinary weight.
 Before the step the tensor becomes W = W̄/α and its gradient ∂L/∂W = α·∂L/∂W̄, and the gates
-get ∂L/∂α = ⟨∂L/∂W̄, W⟩; the user's optimizer updates W and the gates (one extra param group
-holding a single vector of gates); after the step the tensor becomes α·W again.
+get ∂L/∂α = ⟨∂L/∂W̄, W⟩; the user's optimizer updates W, and the gates (one vector) are
+stepped by an AdamW of their own with the user's group-0 betas and ε and its learning rate
+followed every step.  That is numerically what one more param group in the same AdamW would
+do, without adding a group: LR schedulers zip their learning rates with the optimizer's
+groups (strictly, in current torch), and the user's optimizer.state_dict() keeps its shape.
+After the step the tensor becomes α·W again.
 
 σ_target per role (Table 1, He initialisation with embedding and residual scaling, gain √2
 for the matrix after the FFN activation), for hidden size d, FFN size d_ffn and N blocks:
@@ -92,21 +96,22 @@ class WeSaR(Transform):
                     alpha = rms / self.sigma
                 alphas.append(alpha)
         self.gates = torch.nn.Parameter(torch.tensor(alphas, dtype=self.params[0].dtype, device=self.params[0].device))
-        optimizer.add_param_group({"params": [self.gates], "lr": self._gate_lr(), "weight_decay": gate_weight_decay})
-        log.info(
-            "sentinel wesar: %d matrices gated (init %s, σ²=%g); gates in optimizer param group %d",
-            len(self.params),
-            init,
-            sigma2,
-            len(optimizer.param_groups) - 1,
+        group = optimizer.param_groups[0]
+        self.gate_optimizer = torch.optim.AdamW(
+            [self.gates],
+            lr=self._gate_lr(),
+            betas=group.get("betas", (0.9, 0.999)),
+            eps=group.get("eps", 1e-8),
+            weight_decay=gate_weight_decay,
+            foreach=False,
         )
+        log.info("sentinel wesar: %d matrices gated (init %s, σ²=%g)", len(self.params), init, sigma2)
 
     def _gate_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) * self.gate_lr_scale
 
     @torch.no_grad()
     def before_step(self, ctx: StepContext) -> None:
-        self.optimizer.param_groups[-1]["lr"] = self._gate_lr()  # schedulers move group 0; gates follow
         alphas = list(self.gates.detach().unbind())
         grad = torch.zeros_like(self.gates)
         with_grad = [k for k, p in enumerate(self.params) if p.grad is not None]
@@ -120,6 +125,9 @@ class WeSaR(Transform):
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
+        self.gate_optimizer.param_groups[0]["lr"] = self._gate_lr()  # schedulers move group 0; gates follow
+        self.gate_optimizer.step()
+        self.gates.grad = None
         torch._foreach_mul_([p.data for p in self.params], list(self.gates.detach().unbind()))
 
     def columns(self) -> dict[str, Tensor]:
@@ -132,10 +140,15 @@ class WeSaR(Transform):
         return dict(zip(self.names, self.gates.detach().unbind()))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"names": list(self.names), "gates": self.gates.detach().cpu().clone()}
+        return {
+            "names": list(self.names),
+            "gates": self.gates.detach().cpu().clone(),
+            "optimizer": self.gate_optimizer.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state["names"]) != self.names:
             raise ValueError("WeSaR state was saved for a different set of gated matrices")
         with torch.no_grad():
             self.gates.copy_(state["gates"])
+        self.gate_optimizer.load_state_dict(state["optimizer"])
