@@ -7,9 +7,9 @@ import statistics
 
 import pytest
 import torch
+from sentinel.examples.tiny_gpt import GPTConfig, TrainConfig, make_run
 
 import sentinel
-from sentinel.examples.tiny_gpt import GPTConfig, TrainConfig, make_run
 
 SMALL = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
 
