@@ -1,7 +1,7 @@
 """``sentinel``: trainer-side tools.
 
 Exit codes: 0 success; 1 runtime failure (for example the agent could not start);
-2 usage or configuration error.
+2 usage or configuration error; 3 (audit) a check failed, e.g. a weight matrix without a role.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed for model and data (default 0)")
     demo.add_argument("--metrics-port", type=int, default=0, help="agent /metrics port (default 0: any free port)")
     demo.set_defaults(func=_demo)
+    from sentinel.audit import add_audit_parser
+
+    add_audit_parser(sub)
     return parser
 
 

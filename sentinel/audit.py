@@ -1,0 +1,344 @@
+"""``sentinel audit MODULE:FACTORY``: check a model before launch, without training it.
+
+The report is a list of sections, each with a status (``ok``, ``warn``, ``fail``).  Today it has
+one section, ``roles`` (every weight matrix's role, layer and fused parts, from
+:mod:`sentinel.roles`); more checks (Takase's stability conditions) append their own section
+function to :data:`SECTIONS`.  A section function takes the :class:`AuditContext` (which holds
+the model, the config and what earlier sections found, such as the role map) and returns a
+:class:`Section`.
+
+The model is built by calling ``FACTORY()`` inside ``with torch.device("meta")`` unless
+``--no-meta`` is given: parameters then have names and shapes but no storage, so a 70B model
+audits in seconds on a laptop.
+
+Exit codes: 0 every section ok (or warn); 1 the factory raised; 2 usage or configuration error
+(bad MODULE:FACTORY, bad config, unknown role in an override, an ambiguous ``auto`` preset);
+3 a section failed (for roles: some weight matrix has no role).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SECTIONS",
+    "AuditContext",
+    "AuditReport",
+    "Section",
+    "add_audit_parser",
+    "audit_model",
+    "build_model",
+    "load_factory",
+    "roles_section",
+    "run_audit",
+]
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+AUDIT_EPILOG = (
+    "exit codes: 0 every check passed (every weight matrix has a role); 1 FACTORY() raised; "
+    "2 usage or configuration error (bad MODULE:FACTORY, bad config or override, ambiguous 'auto' preset); "
+    "3 a check failed (some weight matrix has no role)"
+)
+STATUSES = ("ok", "warn", "fail")
+
+
+class AuditUsageError(Exception):
+    """MODULE:FACTORY cannot be loaded or does not build a torch.nn.Module (exit 2)."""
+
+
+class FactoryError(Exception):
+    """FACTORY() raised (exit 1)."""
+
+
+@dataclass
+class Section:
+    """One part of the report.  ``lines`` is the text body; ``data`` goes to ``--json``."""
+
+    name: str
+    status: str
+    summary: str
+    lines: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"section {self.name}: status {self.status!r} is not one of {STATUSES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "summary": self.summary, "data": self.data}
+
+
+@dataclass
+class AuditContext:
+    """What section functions get: the model, the config, and what earlier sections found."""
+
+    model: Any  # torch.nn.Module
+    config: Any  # sentinel.Config
+    preset: str | None = None  # --preset; None: config.roles.preset
+    show_vectors: bool = False
+    roles: Any = None  # sentinel.roles.RoleMap, set by roles_section
+
+
+@dataclass
+class AuditReport:
+    target: str
+    model: str
+    device: str
+    parameters: int
+    elements: int
+    sections: list[Section]
+
+    @property
+    def status(self) -> str:
+        return max((s.status for s in self.sections), key=STATUSES.index, default="ok")
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILED if self.status == "fail" else EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "model": self.model,
+            "device": self.device,
+            "parameters": self.parameters,
+            "elements": self.elements,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "sections": [s.to_dict() for s in self.sections],
+        }
+
+    def render(self) -> str:
+        out = [
+            f"sentinel audit {self.target}".rstrip(),
+            f"model: {self.model} on {self.device}, {self.parameters} parameter tensors, "
+            f"{self.elements / 1e6:,.2f} M elements",
+        ]
+        for section in self.sections:
+            out += ["", f"== {section.name}: {section.status} - {section.summary}"]
+            out += section.lines
+        out += ["", f"result: {self.status}" + "".join(f"; {s.name} {s.status}" for s in self.sections)]
+        return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def roles_section(ctx: AuditContext) -> Section:
+    """Roles of every parameter: fails when a weight matrix (dim >= 2) has no role."""
+    from sentinel.roles import VECTOR_ROLES, assign_roles
+
+    section = ctx.config.roles
+    preset = ctx.preset or section.preset
+    rm = assign_roles(ctx.model, preset=preset, overrides=section.overrides)
+    ctx.roles = rm
+    lines = []
+    scores = ", ".join(f"{name} {n}" for name, n in sorted(rm.preset_scores.items(), key=lambda kv: -kv[1]))
+    how = f"auto; matrices assigned per preset: {scores}" if rm.auto else "chosen"
+    lines.append(f"preset: {rm.preset} ({how})")
+    arch = [
+        f"N={rm.n_layers if rm.n_layers is not None else '?'} layers",
+        f"d={rm.d_model if rm.d_model is not None else '?'}",
+        f"d_ffn={rm.d_ffn if rm.d_ffn is not None else '?'}",
+    ]
+    if rm.n_heads:
+        arch.append(f"heads {rm.n_heads} (key/value {rm.n_kv_heads})")
+    lines.append("architecture: " + ", ".join(arch))
+    if section.overrides:
+        lines.append("overrides: " + ", ".join(f"{k} -> {v}" for k, v in section.overrides.items()))
+
+    rows = [("parameter", "role", "layer", "shape", "fused parts")]
+    counts: dict[str, int] = {}
+    for name, shape in rm.shapes.items():
+        role = rm.get(name)
+        is_matrix = len(shape) >= 2
+        if role is not None and not is_matrix:
+            counts[role.role] = counts.get(role.role, 0) + 1
+        if not is_matrix and not ctx.show_vectors:
+            continue
+        label = name
+        if role is not None and role.aliases:
+            tied = ", ".join(f"{a} ({r or 'no role'})" for a, r in zip(role.aliases, role.alias_roles))
+            label += f" = {tied}"
+        rows.append(
+            (
+                label,
+                role.role if role else "UNASSIGNED",
+                "-" if role is None or role.layer is None else str(role.layer),
+                "x".join(str(s) for s in shape) or "scalar",
+                str(role.fused_parts) if role and role.fused_parts else "-",
+            )
+        )
+    lines += ["", *(_table(rows) if len(rows) > 1 else ["(no parameters)"])]
+    vectors = ", ".join(f"{counts.get(r, 0)} {r}" for r in VECTOR_ROLES)
+    lines += ["", f"vectors: {vectors}, {len(rm.unassigned_vectors)} without a role (not required)"]
+    if rm.unassigned_vectors:
+        lines.append("  vectors without a role: " + ", ".join(rm.unassigned_vectors))
+    fused = [n for n, r in rm.items() if r.fused_parts is not None]
+    for name in fused[:1]:
+        lines.append(f"fused split rule ({name}): {rm[name].fused_parts.rule}")
+    if rm.unassigned:
+        lines.append(f"unassigned matrices ({len(rm.unassigned)}):")
+        lines += [f"  {n}  {'x'.join(str(s) for s in rm.shapes[n])}" for n in rm.unassigned]
+        lines.append("  give them a role with roles.overrides (regex: role) in the config, or pick another --preset")
+    else:
+        lines.append("unassigned matrices: none")
+    lines += [f"note: {n}" for n in rm.notes]
+
+    n_matrices = len(rm.matrices)
+    if rm.unassigned:
+        status, summary = "fail", f"{len(rm.unassigned)} of {n_matrices} weight matrices have no role"
+    else:
+        status = "warn" if rm.notes else "ok"
+        summary = f"all {n_matrices} weight matrices have a role (preset {rm.preset})"
+    return Section("roles", status, summary, lines, rm.to_dict())
+
+
+#: the report's sections, in order; later checks append theirs
+SECTIONS: list[Callable[[AuditContext], Section]] = [roles_section]
+
+
+# ---------------------------------------------------------------- model loading
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """``MODULE:FACTORY`` -> the callable.  MODULE is a dotted module path or a .py file path."""
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise AuditUsageError(f"{spec!r} is not MODULE:FACTORY (e.g. examples/tiny_gpt.py:model or pkg.mod:build)")
+    path = Path(module_part)
+    if module_part.endswith(".py") or path.is_file():
+        if not path.is_file():
+            raise AuditUsageError(f"{module_part}: no such file")
+        name = f"_sentinel_audit_{path.stem}_{abs(hash(str(path.resolve())))}"
+        spec_ = importlib.util.spec_from_file_location(name, path)
+        if spec_ is None or spec_.loader is None:
+            raise AuditUsageError(f"{module_part}: cannot be imported as a Python module")
+        module = importlib.util.module_from_spec(spec_)
+        sys.modules[name] = module  # dataclasses and pickling look the module up by name
+        sys.path.insert(0, str(path.resolve().parent))  # its sibling imports
+        try:
+            spec_.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise AuditUsageError(f"importing {module_part} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            sys.path.remove(str(path.resolve().parent))
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except Exception as exc:
+            raise AuditUsageError(f"importing {module_part} failed: {type(exc).__name__}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise AuditUsageError(f"{module_part} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise AuditUsageError(f"{spec}: {attr} is not callable")
+    return obj
+
+
+def build_model(factory: Callable[[], Any], meta: bool = True) -> Any:
+    """Call ``factory()`` (inside ``torch.device("meta")`` when ``meta``) and check it gave a Module."""
+    import torch
+
+    try:
+        if meta:
+            with torch.device("meta"):
+                model = factory()
+        else:
+            model = factory()
+    except Exception as exc:
+        hint = " (if it needs real tensors, try --no-meta)" if meta else ""
+        raise FactoryError(f"FACTORY() raised {type(exc).__name__}: {exc}{hint}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise AuditUsageError(f"FACTORY() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def audit_model(
+    model: Any, config: Any = None, preset: str | None = None, target: str = "", show_vectors: bool = False
+) -> AuditReport:
+    """Run every section of :data:`SECTIONS` on ``model`` and return the report."""
+    from sentinel.config import load_config
+
+    config = load_config(config)
+    ctx = AuditContext(model=model, config=config, preset=preset, show_vectors=show_vectors)
+    sections = [fn(ctx) for fn in SECTIONS]
+    params = {id(p): p for p in model.parameters()}.values()
+    devices = sorted({str(p.device) for p in params}) or ["no parameters"]
+    return AuditReport(
+        target=target,
+        model=type(model).__name__,
+        device=", ".join(devices),
+        parameters=len(params),
+        elements=sum(p.numel() for p in params),
+        sections=sections,
+    )
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_audit_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``audit`` on the ``sentinel`` command's subparsers."""
+    from sentinel.roles import PRESET_CHOICES
+
+    parser = sub.add_parser(
+        "audit",
+        help="check a model before launch: the role of every weight matrix",
+        description=(
+            "Build the model by calling FACTORY() from MODULE (a dotted module path or a .py file) and "
+            "report the role of every weight matrix (embedding, q, k, v, qkv, o, up, gate, gate_up, down, "
+            "head...), its layer and fused parts, and the matrices no rule recognised. FACTORY() runs "
+            'inside `with torch.device("meta")` (names and shapes only, no memory) unless --no-meta. '
+            "See docs/roles.md."
+        ),
+        epilog=AUDIT_EPILOG,
+    )
+    parser.add_argument("target", metavar="MODULE:FACTORY", help="e.g. examples/tiny_gpt.py:model or mypkg.model:build")
+    parser.add_argument("--config", default=None, help="sentinel YAML config (its roles section is used)")
+    parser.add_argument("--preset", choices=PRESET_CHOICES, default=None, help="override roles.preset")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--all", action="store_true", help="list vectors (norms, biases) in the table too")
+    parser.add_argument(
+        "--no-meta", action="store_true", help="call FACTORY() on the default device instead of the meta device"
+    )
+    parser.set_defaults(func=run_audit)
+    return parser
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from agent.typedconfig import ConfigError
+    from sentinel.config import load_config
+
+    try:
+        config = load_config(args.config)
+        factory = load_factory(args.target)
+        model = build_model(factory, meta=not args.no_meta)
+        report = audit_model(model, config, preset=args.preset, target=args.target, show_vectors=args.all)
+    except (ConfigError, AuditUsageError) as exc:
+        print(f"sentinel audit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FactoryError as exc:
+        print(f"sentinel audit: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.render(), end="")
+    return report.exit_code
