@@ -46,12 +46,14 @@ class Guard(Transform):
         self.pending_skips += n
 
     def before_step(self, ctx: StepContext) -> None:
-        grads = [p.grad for p in ctx.params if p.grad is not None]
         if self.pending_skips > 0:
             self.pending_skips -= 1
             self._skip(ctx, {"reason": "requested", "remaining": self.pending_skips})
             return
-        if not grads or not self.detect:
+        if not self.detect:
+            return
+        grads = [p.grad for p in ctx.params if p.grad is not None]
+        if not grads:
             return
         norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
         if not math.isfinite(norm):
