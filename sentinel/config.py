@@ -142,6 +142,61 @@ class OptimConfig:
 
 
 @dataclass
+class CurveConfig:
+    secret_file: str | None = option(
+        None, doc="The trainer's secret certificate (from `sentinel-agent keys DIR`); with the next key, turns CURVE on."
+    )
+    server_public_file: str | None = option(None, doc="The agent's public certificate (from `sentinel-agent keys DIR`).")
+
+    def __post_init__(self) -> None:
+        if (self.secret_file is None) != (self.server_public_file is None):
+            raise ConfigError(
+                "control.curve: secret_file and server_public_file go together; "
+                f"got secret_file={self.secret_file!r}, server_public_file={self.server_public_file!r}"
+            )
+
+
+@dataclass
+class ControlConfig:
+    enabled: bool = option(True, doc="Take commands from the agent (rank 0 connects; all ranks apply them together).")
+    endpoint: str = option("tcp://127.0.0.1:5558", doc="ZeroMQ endpoint of the agent's command socket.")
+    every: int = option(
+        1,
+        range=(1, None),
+        doc="Look for commands every N steps. Under torch.distributed each look is one 8-byte broadcast on a CPU group.",
+    )
+    hello_interval: float = option(5.0, range=(0.1, 3600.0), doc="Seconds between hellos to the agent.")
+    remember: int = option(
+        1024, range=(16, 1_000_000), doc="Command ids remembered (in sentinel's state_dict) to refuse duplicates."
+    )
+    allow_insecure_remote: bool = option(
+        False, doc="Allow a non-loopback `endpoint` without CURVE. Commands can roll back or stop the run."
+    )
+    curve: CurveConfig = field(default_factory=CurveConfig)
+
+    def __post_init__(self) -> None:
+        from sentinel.control import check_endpoint
+
+        check_endpoint(self)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = option(
+        None, doc="Folder of the checkpoints, shared by all ranks; null turns checkpointing (and rollback) off."
+    )
+    every: int = option(500, range=(1, None), doc="Save a checkpoint every N steps (step % N == 0).")
+    keep: int = option(3, range=(2, None), doc="Good checkpoints kept; older ones are deleted once a newer one is good.")
+    good_after: int = option(
+        100, range=(1, None), doc="Clean steps after a save before the checkpoint counts as good (rollback target)."
+    )
+    async_save: bool = option(
+        False, doc="Save with dcp.async_save (staged to CPU memory, written in the background; one save in flight)."
+    )
+    checksum: bool = option(True, doc="Record and verify the sha256 of every checkpoint file, not only its size.")
+
+
+@dataclass
 class Config:
     enabled: bool = option(True, doc="Master switch: false installs no hooks and publishes nothing.")
     run: str | None = option(
@@ -154,6 +209,8 @@ class Config:
     publish: PublishConfig = field(default_factory=PublishConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def load_config(source: str | Path | dict | Config | None = None, **overrides: Any) -> Config:
