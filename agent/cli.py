@@ -1,4 +1,4 @@
-"""Command line of the agent: ``sentinel-agent run`` (also ``python -m agent run``)."""
+"""Command line of the agent: ``sentinel-agent run | replay | keys`` (also ``python -m agent ...``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from typing import Any
 from agent import __version__
 from agent.config import LOG_LEVELS, load_config
 from agent.daemon import Agent, AgentStartError
+from agent.keys import KeysExistError, create_keys
+from agent.recording import RecordingError
+from agent.replay import format_decision, replay
 from agent.typedconfig import ConfigError
 
 logger = logging.getLogger("sentinel.agent")
@@ -28,10 +31,42 @@ exit codes:
   2  usage or configuration error (the message names the key, the value and what is allowed)
 """
 
+MAIN_EPILOG = """\
+exit codes: (each command's --help lists its own)
+  0  success (run: stopped cleanly by SIGTERM or SIGINT)
+  1  runtime error, e.g. an address already in use, an unreadable recording, existing keys
+  2  usage or configuration error (the message names the key, the value and what is allowed)
+"""
+
 DESCRIPTION = (
     "The llm-sentinel sidecar agent: receives per-step training statistics from the trainer "
-    "over ZeroMQ and exports them as Prometheus metrics."
+    "over ZeroMQ, exports them as Prometheus metrics, predicts loss spikes and sends recovery "
+    "commands (rollback, skip, LR scale, stop) under a policy, with an audit log."
 )
+
+REPLAY_DESCRIPTION = (
+    "Run a statistics recording (stats-<run>.jsonl, written by `run` under its state directory) "
+    "through the predictors and the policy offline, with no socket, and print the decisions one "
+    "per line. Rotated files (stats-<run>.N.jsonl) can be given oldest first."
+)
+
+REPLAY_EPILOG = """exit codes:
+  0  replayed (whether or not there were decisions)
+  1  a file cannot be read or is not a sentinel recording
+  2  usage or configuration error
+"""
+
+KEYS_DESCRIPTION = (
+    "Create CURVE key pairs for the command channel in DIR: server.key/server.key_secret (the "
+    "agent), client.key/client.key_secret (a trainer) and authorized/ holding the client's public "
+    "key. Then set commands.curve: {secret_file: DIR/server.key_secret, authorized_dir: DIR/authorized}."
+)
+
+KEYS_EPILOG = """exit codes:
+  0  keys written
+  1  DIR already holds keys (use --force), or cannot be written
+  2  usage error
+"""
 
 RUN_DESCRIPTION = (
     "Run the agent in the foreground until SIGTERM or SIGINT. Options given here override "
@@ -41,7 +76,9 @@ RUN_DESCRIPTION = (
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="sentinel-agent", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
+    parser = argparse.ArgumentParser(
+        prog="sentinel-agent", description=DESCRIPTION, epilog=MAIN_EPILOG, formatter_class=fmt
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the agent", description=RUN_DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
@@ -49,13 +86,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stats-endpoint", metavar="ENDPOINT", help="ZeroMQ endpoint to bind (tcp://127.0.0.1:*)")
     run.add_argument("--metrics-host", metavar="HOST", help="address of the /metrics HTTP server")
     run.add_argument("--metrics-port", type=int, metavar="N", help="port of the /metrics server (0: any)")
+    run.add_argument("--commands-endpoint", metavar="ENDPOINT", help="ZeroMQ endpoint of the command channel")
+    run.add_argument("--state-dir", metavar="DIR", help="directory of the event log and recordings")
     run.add_argument("--log-level", choices=LOG_LEVELS, help="log verbosity (default: info)")
     run.add_argument(
         "--ready-file",
         type=Path,
         metavar="PATH",
-        help="once both listeners are up, write JSON {pid, stats_endpoint, metrics_url} here (atomically)",
+        help="once the listeners are up, write JSON {pid, stats_endpoint, commands_endpoint, metrics_url, "
+        "events_path} here (atomically)",
     )
+    rep = sub.add_parser(
+        "replay",
+        help="replay a statistics recording through the predictors and policy",
+        description=REPLAY_DESCRIPTION,
+        epilog=REPLAY_EPILOG,
+        formatter_class=fmt,
+    )
+    rep.add_argument("files", nargs="+", type=Path, metavar="FILE", help="recording file(s), oldest first")
+    rep.add_argument("--config", type=Path, metavar="PATH", help="agent YAML configuration (predict, policy)")
+    rep.add_argument("--json", action="store_true", help="print each decision as its events.jsonl record")
+    rep.add_argument("--all", action="store_true", help="also print decisions the policy's limits suppressed")
+    rep.add_argument("--events", type=Path, metavar="PATH", help="also write the decisions to this events file")
+    keys = sub.add_parser(
+        "keys", help="create CURVE keys for the command channel", description=KEYS_DESCRIPTION,
+        epilog=KEYS_EPILOG, formatter_class=fmt,
+    )  # fmt: skip
+    keys.add_argument("dir", type=Path, metavar="DIR", help="directory to write the keys to (created)")
+    keys.add_argument("--force", action="store_true", help="replace existing keys")
     return parser
 
 
@@ -71,6 +129,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "stats_endpoint": args.stats_endpoint,
         "metrics.host": args.metrics_host,
         "metrics.port": args.metrics_port,
+        "commands.endpoint": args.commands_endpoint,
+        "state_dir": args.state_dir,
         "log_level": args.log_level,
     }
     return {k: v for k, v in pairs.items() if v is not None}
@@ -108,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.ready_file is not None:
             info = {"pid": os.getpid(), "stats_endpoint": agent.stats_endpoint}
+            info.update(commands_endpoint=agent.commands_endpoint, events_path=str(agent.events.path))
             write_ready_file(args.ready_file, {**info, "metrics_url": agent.metrics_url})
         while not stop.wait(0.5):
             if not agent.healthy:
@@ -124,10 +185,57 @@ def run(args: argparse.Namespace) -> int:
     return rc
 
 
+def run_replay(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _error(f"configuration error: {exc}")
+        return EXIT_USAGE
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    try:
+        result = replay(args.files, config, events_path=args.events)
+    except (OSError, RecordingError) as exc:
+        _error(f"error: {exc}")
+        return EXIT_RUNTIME
+    for line in result.skipped[:10]:
+        _error(f"skipped a bad line: {line}")
+    if len(result.skipped) > 10:
+        _error(f"skipped {len(result.skipped) - 10} more bad lines")
+    for d in result.decisions:
+        if d.suppressed and not args.all:
+            continue
+        print(json.dumps(d.record(), allow_nan=False) if args.json else format_decision(d))
+    return EXIT_OK
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    try:
+        paths = create_keys(args.dir, force=args.force)
+    except KeysExistError as exc:
+        _error(f"error: {exc}")
+        return EXIT_RUNTIME
+    except OSError as exc:
+        _error(f"error: cannot write keys to {args.dir}: {exc.strerror or exc}")
+        return EXIT_RUNTIME
+    print(f"agent key pair:   {paths['server_public']}  {paths['server_secret']}")
+    print(f"trainer key pair: {paths['client_public']}  {paths['client_secret']}")
+    print(f"authorised trainer keys: {paths['authorized_dir']}/")
+    print("agent.yaml:")
+    print(
+        f"  commands: {{curve: {{secret_file: {paths['server_secret']}, authorized_dir: {paths['authorized_dir']}}}}}"
+    )
+    print(f"trainer: secret file {paths['client_secret']}, agent public key {paths['server_public']}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "replay":
+        return run_replay(args)
+    if args.command == "keys":
+        return run_keys(args)
     return EXIT_USAGE  # unreachable: argparse requires a known command
 
 

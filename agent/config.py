@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.policy import PolicyConfig, parse_rules
+from agent.predict import PredictConfig
 from agent.typedconfig import ConfigError, load, option, reference_markdown
 
 MiB = 1 << 20
@@ -36,8 +38,15 @@ class HistoryConfig:
     max_matrix_bytes: int = option(
         16 * MiB,
         range=(1024, 1 << 34),
-        doc="Memory budget of the per-tensor statistics ring of one run/rank, in bytes: it keeps "
-        "min(history.steps, budget / bytes per message) messages, and at least the latest one.",
+        doc="Memory budget of the per-tensor statistics rings of one run/rank, in bytes, shared evenly "
+        "by its layouts: each keeps min(history.steps, share / bytes per message) messages, and at "
+        "least the latest one.",
+    )
+    max_layouts: int = option(
+        8,
+        range=(1, 1024),
+        doc="Matrix layouts (tensor names x statistic names) kept per run/rank, e.g. parameter "
+        "statistics and probe statistics; beyond this the least recently updated is dropped.",
     )
 
 
@@ -83,9 +92,55 @@ class ExportConfig:
 class SecurityConfig:
     allow_insecure_remote: bool = option(
         False,
-        doc="Allow `stats_endpoint` and `metrics.host` on a non-loopback address. Neither "
-        "channel is authenticated yet, so keep this false unless the network is trusted.",
+        doc="Allow `stats_endpoint` and `metrics.host` on a non-loopback address, and "
+        "`commands.endpoint` without `commands.curve`. None of these is then authenticated, so "
+        "keep this false unless the network is trusted.",
     )
+
+
+@dataclass
+class EventsConfig:
+    path: str | None = option(
+        None, doc="Append-only decision log (JSON lines, fsynced); default: `<state_dir>/events.jsonl`."
+    )
+
+
+@dataclass
+class RecordingConfig:
+    enabled: bool = option(
+        True, doc="Record accepted statistics of the `predict.ranks` ranks for `sentinel-agent replay`."
+    )
+    dir: str | None = option(None, doc="Directory of the `stats-<run>.jsonl` files; default: `<state_dir>`.")
+    max_file_bytes: int = option(
+        64 * MiB, range=(4096, 1 << 40), doc="Size at which a run's recording file is rotated, in bytes."
+    )
+    max_files: int = option(4, range=(1, 1000), doc="Files kept per run (current + rotated); older ones are deleted.")
+
+
+@dataclass
+class CurveConfig:
+    secret_file: str | None = option(
+        None, doc="The agent's secret certificate (`server.key_secret` from `sentinel-agent keys DIR`)."
+    )
+    authorized_dir: str | None = option(
+        None, doc="Directory of client public certificates allowed to connect (`DIR/authorized`)."
+    )
+
+
+@dataclass
+class CommandsConfig:
+    enabled: bool = option(True, doc="Serve the command channel; false: decisions are logged but no command is sent.")
+    endpoint: str = option(
+        "tcp://127.0.0.1:5558",
+        doc="ZeroMQ endpoint of the agent's ROUTER socket for commands (`tcp://HOST:PORT` or `ipc://PATH`).",
+    )
+    resend_seconds: float = option(
+        5.0, range=(0.01, 3600.0), doc="A command not acknowledged within this time is sent again (same id)."
+    )
+    expire_seconds: float = option(
+        600.0, range=(1.0, 604800.0), doc="A command still unacknowledged after this long is given up (logged)."
+    )
+    curve: CurveConfig = field(default_factory=CurveConfig)
 
 
 @dataclass
@@ -101,6 +156,15 @@ class AgentConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     log_level: str = option("info", choices=LOG_LEVELS, doc="Verbosity of the agent's log on stderr.")
+    state_dir: str = option(
+        "./sentinel-agent-state",
+        doc="Directory for the event log and the recordings (created at start; relative to the working directory).",
+    )
+    events: EventsConfig = field(default_factory=EventsConfig)
+    recording: RecordingConfig = field(default_factory=RecordingConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 _TCP = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^:/\[\]]+):(?P<port>\*|\d+)$")
@@ -158,10 +222,45 @@ def validate(cfg: AgentConfig) -> AgentConfig:
             f"metrics.host: {cfg.metrics.host!r} is not a loopback address; /metrics is not "
             "authenticated, set security.allow_insecure_remote: true to allow it"
         )
+    _validate_commands(cfg)
+    parse_rules(cfg.policy.rules)
     if (cfg.metrics.certfile is None) != (cfg.metrics.keyfile is None):
         missing = "metrics.keyfile" if cfg.metrics.keyfile is None else "metrics.certfile"
         raise ConfigError(f"{missing}: required when the other of metrics.certfile/metrics.keyfile is set")
     return cfg
+
+
+def _validate_commands(cfg: AgentConfig) -> None:
+    c = cfg.commands
+    curve = c.curve
+    if (curve.secret_file is None) != (curve.authorized_dir is None):
+        missing = "secret_file" if curve.secret_file is None else "authorized_dir"
+        raise ConfigError(f"commands.curve.{missing}: required when the other of secret_file/authorized_dir is set")
+    if curve.secret_file is not None and not Path(curve.secret_file).is_file():
+        raise ConfigError(f"commands.curve.secret_file: {curve.secret_file!r} is not a file")
+    if curve.authorized_dir is not None and not Path(curve.authorized_dir).is_dir():
+        raise ConfigError(f"commands.curve.authorized_dir: {curve.authorized_dir!r} is not a directory")
+    if not c.enabled:
+        return
+    ep = c.endpoint
+    if ep.startswith("tcp://"):
+        try:
+            host, _ = parse_tcp_endpoint(ep)
+        except ValueError as exc:
+            raise ConfigError(f"commands.endpoint: {exc}; allowed: tcp://HOST:PORT or ipc://PATH") from None
+        if not is_loopback(host) and curve.secret_file is None and not cfg.security.allow_insecure_remote:
+            raise ConfigError(
+                f"commands.endpoint: {ep!r} is not a loopback address and commands.curve is not set; "
+                "anyone who can reach it could roll the run back. Set commands.curve (sentinel-agent keys DIR), "
+                "or security.allow_insecure_remote: true on a trusted network"
+            )
+    elif not (ep.startswith("ipc://") and len(ep) > len("ipc://")):
+        raise ConfigError(f"commands.endpoint: {ep!r} is not allowed; allowed: tcp://HOST:PORT or ipc://PATH")
+
+
+def state_path(cfg: AgentConfig, value: str | None, default_name: str) -> Path:
+    """``value`` if set, else ``<state_dir>/<default_name>``."""
+    return Path(value) if value else Path(cfg.state_dir) / default_name
 
 
 def load_config(source: str | Path | dict | AgentConfig | None = None, **overrides: Any) -> AgentConfig:

@@ -1,38 +1,62 @@
-"""The agent process in one object: state, receiver thread and /metrics server.
+"""The agent process in one object: state, receiver, supervisor, command server and /metrics.
 
 ``Agent`` is what the CLI runs and what a test or an embedding program can start in-process:
-``start()`` binds both listeners (so their real addresses are known, even with port 0),
-``stop()`` releases them; both are safe to call in any order and more than once.
+``start()`` opens the event log (reading back earlier decisions) and binds every listener (so
+their real addresses are known, even with port 0); ``stop()`` releases them; both are safe to
+call in any order and more than once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import zmq
 from prometheus_client import start_http_server
 
-from agent.config import AgentConfig, load_config
+from agent import __version__
+from agent.command_server import CommandServer
+from agent.config import AgentConfig, load_config, state_path
+from agent.events import EventLog
+from agent.history import PushResult
 from agent.metrics import make_registry
+from agent.protocol import StatsMessage
 from agent.receive import Receiver
+from agent.recording import StatsRecorder
 from agent.state import AgentState
+from agent.supervisor import Supervisor
 
 logger = logging.getLogger("sentinel.agent")
 
 
 class AgentStartError(RuntimeError):
-    """A listener could not be opened (address in use, permission, bad certificate...)."""
+    """A listener or file could not be opened (address in use, permission, bad certificate...)."""
 
 
 class Agent:
-    """Receives trainer statistics and serves them as Prometheus metrics."""
+    """Receives trainer statistics, acts on them, and serves them as Prometheus metrics."""
 
     def __init__(self, config: AgentConfig | dict | None = None):
-        self.config = load_config(config)
-        self.state = AgentState(self.config)
-        self.registry = make_registry(self.state, self.config)
-        self.receiver = Receiver(self.state, self.config)
+        self.config = cfg = load_config(config)
+        self.state = AgentState(cfg)
+        self.events = EventLog(state_path(cfg, cfg.events.path, "events.jsonl"))
+        self.commands = CommandServer(cfg.commands, self.events) if cfg.commands.enabled else None
+        self.supervisor = Supervisor(cfg, self.events, send=self.commands.submit if self.commands else None)
+        self.supervisor.on_decision = lambda decision: self.state.record_decision()
+        self.recorder = (
+            StatsRecorder(
+                state_path(cfg, cfg.recording.dir, ""),
+                max_file_bytes=cfg.recording.max_file_bytes,
+                max_files=cfg.recording.max_files,
+            )
+            if cfg.recording.enabled
+            else None
+        )
+        self.registry = make_registry(
+            self.state, cfg, supervisor=self.supervisor, commands=self.commands, recorder=self.recorder
+        )
+        self.receiver = Receiver(self.state, cfg, on_message=self._on_message)
         self._server = None
         self._server_thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -40,12 +64,24 @@ class Agent:
         self._listening = False
         self._stopped = False
 
+    def _on_message(self, msg: StatsMessage, result: PushResult, received_at: float) -> None:
+        if self.config.predict.ranks == "zero" and msg.rank != 0:
+            return
+        if self.recorder is not None:
+            self.recorder.record(msg, received_at)
+        self.supervisor.observe(msg, result.series)
+
     @property
     def stats_endpoint(self) -> str:
         """The bound ZeroMQ endpoint, with the actual port."""
         if self.receiver.endpoint is None:
             raise RuntimeError("agent not started")
         return self.receiver.endpoint
+
+    @property
+    def commands_endpoint(self) -> str | None:
+        """The bound command endpoint with the actual port; None when commands are disabled."""
+        return None if self.commands is None else self.commands.endpoint
 
     @property
     def metrics_port(self) -> int:
@@ -64,17 +100,18 @@ class Agent:
 
     @property
     def healthy(self) -> bool:
-        """True while both the receiver and the HTTP server threads run."""
+        """True while the receiver, command server and HTTP server threads run."""
         return bool(
             self._started
             and not self._stopped
             and self.receiver.alive
+            and (self.commands is None or self.commands.alive)
             and self._server_thread is not None
             and self._server_thread.is_alive()
         )
 
     def start(self) -> Agent:
-        """Open both listeners and start serving; raises AgentStartError if one cannot be opened."""
+        """Open the event log and every listener, and start serving; raises AgentStartError."""
         with self._lock:
             if self._started:
                 return self
@@ -87,6 +124,12 @@ class Agent:
             except zmq.ZMQError as exc:
                 endpoint = self.config.stats_endpoint
                 raise AgentStartError(f"cannot bind stats endpoint {endpoint}: {exc}") from exc
+            if self.commands is not None:
+                try:
+                    self.commands.bind()
+                except (zmq.ZMQError, OSError, ValueError) as exc:
+                    endpoint = self.config.commands.endpoint
+                    raise AgentStartError(f"cannot bind command endpoint {endpoint}: {exc}") from exc
             m = self.config.metrics
             try:
                 self._server, self._server_thread = start_http_server(
@@ -94,21 +137,45 @@ class Agent:
                 )
             except (OSError, ValueError) as exc:
                 raise AgentStartError(f"cannot serve metrics on {m.host}:{m.port}: {exc}") from exc
+            self._open_state()  # after the listeners: a busy port fails before any file is touched
             self.receiver.start()
+            if self.commands is not None:
+                self.commands.start()
         except BaseException:
             self.stop()
             raise
         self._listening = True
-        logger.info("sentinel agent listening: stats=%s metrics=%s", self.stats_endpoint, self.metrics_url)
+        logger.info(
+            "sentinel agent listening: stats=%s commands=%s metrics=%s events=%s",
+            self.stats_endpoint,
+            self.commands_endpoint or "disabled",
+            self.metrics_url,
+            self.events.path,
+        )
         return self
 
+    def _open_state(self) -> None:
+        try:
+            records = self.events.open()
+            self.events.append({"type": "agent_start", "pid": os.getpid(), "version": __version__})
+        except OSError as exc:
+            raise AgentStartError(f"cannot open the event log {self.events.path}: {exc.strerror or exc}") from exc
+        self.supervisor.restore(records)
+        if self.commands is not None:
+            self.commands.restore(records)
+
     def stop(self) -> None:
-        """Stop the receiver, close the socket and shut the HTTP server down; idempotent."""
+        """Stop the threads, close the sockets and files, shut the HTTP server down; idempotent."""
         with self._lock:
             if self._stopped:
                 return
             self._stopped = True
         self.receiver.stop()
+        if self.commands is not None:
+            self.commands.stop()
+        if self.recorder is not None:
+            self.recorder.close()
+        self.events.close()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -7,15 +7,23 @@ place, so memory stays flat however long a run lasts:
 * scalars by name: ``history.steps`` x (4 known + at most ``limits.max_scalar_names``) float32
   values plus a presence flag each (a scalar absent from a message is absent, not NaN: NaN is
   evidence of divergence and must stay distinguishable);
-* the tensors x statistics matrix of the current layout: ``min(history.steps,
-  history.max_matrix_bytes / bytes per matrix)`` matrices, and at least the latest one.
+* one tensors x statistics matrix ring per distinct layout (tensor names, statistic names),
+  at most ``history.max_layouts`` of them; together they share ``history.max_matrix_bytes``
+  evenly, each keeping ``min(history.steps, share / bytes per matrix)`` matrices, and at least
+  the latest one (older layouts are dropped if even one matrix each would exceed the budget,
+  so the bound stays ``max(history.max_matrix_bytes, one message's matrix)``).
 
-Layout change: the matrix ring holds one set of tensor names and statistic names.  A message
-whose matrix has a different set resets that ring (the older matrices are dropped), since
-rows of different shapes cannot share one array and merging them by name would break the
-memory bound.  A message without a matrix (no tensors or no statistics) leaves the ring
-alone, so a trainer may send scalars every step and per-tensor statistics every N steps.
-Scalars are kept by name across layout changes.
+Several layouts coexist because a trainer sends more than one kind of matrix: parameter
+statistics (rows are parameter names) every N steps and, from the probes, activation
+statistics (rows are module names such as ``h.0.attn``) in separate messages.  Each
+(tensor, statistic) cell lives in exactly one ring: a layout that shares a cell with an older
+ring *supersedes* it (the older ring is dropped and ``matrix_resets`` counts it), since that
+means the trainer changed that kind of matrix (a parameter added, a statistic renamed) and
+rows of different shapes cannot share one array.  Layouts with no cell in common (parameter
+and probe statistics) keep their own rings; beyond ``max_layouts`` the least recently
+updated ring is dropped.  A message without a matrix leaves the rings alone, so a trainer
+may send scalars every step and per-tensor statistics every N steps.  Scalars are kept by
+name across layout changes.
 
 ``History`` bounds the number of series (``limits.max_series``), evicting the least
 recently updated one.  It is not thread-safe: ``agent.state.AgentState`` guards it.
@@ -53,6 +61,85 @@ def count_nonfinite(msg: StatsMessage) -> int:
     return int(np.count_nonzero(~np.isfinite(msg.scalars)) + np.count_nonzero(~np.isfinite(msg.matrix)))
 
 
+LayoutKey = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+class MatrixRing:
+    """The tensors x statistics matrices of one layout, newest overwriting oldest."""
+
+    def __init__(self, tensors: tuple[str, ...], stats: tuple[str, ...], depth: int):
+        self.tensors, self.stats = tensors, stats
+        self.tensor_index = {name: i for i, name in enumerate(tensors)}
+        self.stat_index = {name: i for i, name in enumerate(stats)}
+        self.values = np.zeros((depth, len(tensors), len(stats)), dtype=np.float32)
+        self.steps = np.zeros(depth, dtype=np.int64)
+        self.count = 0
+
+    @property
+    def key(self) -> LayoutKey:
+        return self.tensors, self.stats
+
+    @property
+    def depth(self) -> int:
+        return len(self.values)
+
+    @property
+    def row_bytes(self) -> int:
+        return max(1, len(self.tensors) * len(self.stats) * 4)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.steps.nbytes
+
+    def push(self, step: int, matrix: np.ndarray) -> None:
+        j = self.count % self.depth
+        self.values[j] = matrix
+        self.steps[j] = step
+        self.count += 1
+
+    def order(self, last: int | None = None) -> np.ndarray:
+        return _tail(_chronological(self.count, self.depth), last)
+
+    def resize(self, depth: int) -> None:
+        """Change the capacity, keeping the newest matrices."""
+        if depth == self.depth:
+            return
+        idx = self.order(depth)
+        values = np.zeros((depth, len(self.tensors), len(self.stats)), dtype=np.float32)
+        steps = np.zeros(depth, dtype=np.int64)
+        values[: len(idx)] = self.values[idx]
+        steps[: len(idx)] = self.steps[idx]
+        self.values, self.steps, self.count = values, steps, len(idx)
+
+    def shares_a_cell(self, tensors: tuple[str, ...], stats: tuple[str, ...]) -> bool:
+        return any(t in self.tensor_index for t in tensors) and any(s in self.stat_index for s in stats)
+
+    def latest(self) -> MatrixSnapshot | None:
+        if not self.count:
+            return None
+        j = (self.count - 1) % self.depth
+        return MatrixSnapshot(self.tensors, self.stats, self.values[j].copy(), int(self.steps[j]))
+
+
+@dataclass(frozen=True)
+class MatrixSnapshot:
+    """The latest matrix of one layout."""
+
+    tensors: tuple[str, ...]
+    stats: tuple[str, ...]
+    matrix: np.ndarray
+    step: int
+
+
+@dataclass(frozen=True)
+class StatWindow:
+    """The last matrices of one layout for one statistic: ``values[i, r]`` is row ``r`` at ``steps[i]``."""
+
+    tensors: tuple[str, ...]
+    steps: np.ndarray
+    values: np.ndarray
+
+
 @dataclass(frozen=True)
 class SeriesSnapshot:
     """A copy of the latest values of one series, safe to read without the state lock."""
@@ -69,19 +156,31 @@ class SeriesSnapshot:
     stats: tuple[str, ...]
     matrix: np.ndarray | None
     matrix_step: int | None
+    matrices: tuple[MatrixSnapshot, ...] = ()
 
 
 class SeriesHistory:
     """Rings of one (run, rank); see the module docstring for what is kept and how much."""
 
-    def __init__(self, run: str, rank: int, *, steps: int, max_matrix_bytes: int, max_scalar_names: int):
+    def __init__(
+        self,
+        run: str,
+        rank: int,
+        *,
+        steps: int,
+        max_matrix_bytes: int,
+        max_scalar_names: int,
+        max_layouts: int = 8,
+    ):
         self.run, self.rank = run, rank
         self.capacity = steps
         self.max_matrix_bytes = max_matrix_bytes
+        self.max_layouts = max_layouts
         self.max_scalar_names = max_scalar_names
         self.sent = self.dropped = 0
         self.nonfinite_values = 0
         self.matrix_resets = 0
+        self.matrix_evictions = 0
         self._count = 0
         self._steps = np.zeros(steps, dtype=np.int64)
         self._times = np.zeros(steps, dtype=np.float64)
@@ -93,13 +192,7 @@ class SeriesHistory:
         self._plan_key: tuple[str, ...] | None = None
         self._plan: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.intp), np.zeros(0, np.intp))
         self._latest_scalars: dict[str, float] = {}
-        self._tensors: tuple[str, ...] = ()
-        self._stats: tuple[str, ...] = ()
-        self._tensor_index: dict[str, int] = {}
-        self._stat_index: dict[str, int] = {}
-        self._matrix: np.ndarray | None = None
-        self._matrix_steps = np.zeros(0, dtype=np.int64)
-        self._matrix_count = 0
+        self._rings: OrderedDict[LayoutKey, MatrixRing] = OrderedDict()  # least recently updated first
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -156,27 +249,36 @@ class SeriesHistory:
         return col
 
     def _push_matrix(self, msg: StatsMessage) -> None:
-        layout = msg.layout
-        if layout.tensors != self._tensors or layout.stats != self._stats or self._matrix is None:
-            self._reset_matrix(layout.tensors, layout.stats)
-        assert self._matrix is not None
-        j = self._matrix_count % len(self._matrix)
-        self._matrix[j] = msg.matrix
-        self._matrix_steps[j] = msg.step
-        self._matrix_count += 1
+        key = (msg.layout.tensors, msg.layout.stats)
+        ring = self._rings.get(key)
+        if ring is None:
+            ring = self._add_ring(*key)
+        else:
+            self._rings.move_to_end(key)
+        ring.push(msg.step, msg.matrix)
 
-    def _reset_matrix(self, tensors: tuple[str, ...], stats: tuple[str, ...]) -> None:
-        if self._matrix is not None:
+    def _add_ring(self, tensors: tuple[str, ...], stats: tuple[str, ...]) -> MatrixRing:
+        for old in [r for r in self._rings.values() if r.shares_a_cell(tensors, stats)]:
+            del self._rings[old.key]
             self.matrix_resets += 1
-        row_bytes = len(tensors) * len(stats) * 4
-        depth = max(1, min(self.capacity, self.max_matrix_bytes // row_bytes))
-        self._matrix = None  # free the old ring before allocating the new one
-        self._matrix = np.zeros((depth, len(tensors), len(stats)), dtype=np.float32)
-        self._matrix_steps = np.zeros(depth, dtype=np.int64)
-        self._matrix_count = 0
-        self._tensors, self._stats = tensors, stats
-        self._tensor_index = {name: i for i, name in enumerate(tensors)}
-        self._stat_index = {name: i for i, name in enumerate(stats)}
+        while len(self._rings) >= self.max_layouts:
+            self._rings.popitem(last=False)
+            self.matrix_evictions += 1
+        ring = MatrixRing(tensors, stats, 1)
+        self._rings[ring.key] = ring
+        while len(self._rings) > 1 and sum(r.row_bytes for r in self._rings.values()) > self.max_matrix_bytes:
+            self._rings.popitem(last=False)  # even one matrix each would break the budget
+            self.matrix_evictions += 1
+        share = self.max_matrix_bytes // len(self._rings)
+        for r in self._rings.values():
+            r.resize(max(1, min(self.capacity, share // r.row_bytes)))
+        return ring
+
+    def _ring_with(self, tensor: str, stat: str) -> MatrixRing | None:
+        for ring in self._rings.values():
+            if tensor in ring.tensor_index and stat in ring.stat_index:
+                return ring
+        return None
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -199,8 +301,18 @@ class SeriesHistory:
 
     @property
     def matrix_depth(self) -> int:
-        """Capacity of the matrix ring for the current layout (0 before the first matrix)."""
-        return 0 if self._matrix is None else len(self._matrix)
+        """Capacity of the matrix ring of the latest layout (0 before the first matrix)."""
+        return next(reversed(self._rings.values())).depth if self._rings else 0
+
+    @property
+    def matrix_nbytes(self) -> int:
+        """Bytes of matrix values held, all layouts (what ``max_matrix_bytes`` bounds)."""
+        return sum(r.values.nbytes for r in self._rings.values())
+
+    @property
+    def layouts(self) -> list[LayoutKey]:
+        """(tensors, stats) of every matrix ring held, least recently updated first."""
+        return list(self._rings)
 
     @property
     def scalar_names(self) -> tuple[str, ...]:
@@ -222,26 +334,40 @@ class SeriesHistory:
 
     def tensor_stat(self, tensor: str, stat: str, last: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of statistic ``stat`` of ``tensor`` over the last ``last`` matrices held."""
-        ti, si = self._tensor_index.get(tensor), self._stat_index.get(stat)
-        if ti is None or si is None or self._matrix is None:
+        ring = self._ring_with(tensor, stat)
+        if ring is None:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        idx = _tail(_chronological(self._matrix_count, len(self._matrix)), last)
-        return self._matrix_steps[idx], self._matrix[idx, ti, si]
+        idx = ring.order(last)
+        return ring.steps[idx], ring.values[idx, ring.tensor_index[tensor], ring.stat_index[stat]]
+
+    def stat_windows(self, stat: str, last: int | None = None) -> list[StatWindow]:
+        """Statistic ``stat`` of every row, over the last ``last`` matrices of each layout carrying it."""
+        out = []
+        for ring in self._rings.values():
+            si = ring.stat_index.get(stat)
+            if si is not None and ring.count:
+                idx = ring.order(last)
+                out.append(StatWindow(ring.tensors, ring.steps[idx], ring.values[idx, :, si]))
+        return out
 
     def latest_scalars(self) -> dict[str, float]:
         """Stored scalars of the latest message, by name."""
         return dict(self._latest_scalars)
 
     def latest_matrix(self) -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray, int] | None:
-        """(tensors, stats, copy of the latest matrix, its step), or None if no matrix arrived yet."""
-        if self._matrix is None or not self._matrix_count:
+        """(tensors, stats, copy of the latest matrix, its step) of the latest layout, or None."""
+        if not self._rings:
             return None
-        j = (self._matrix_count - 1) % len(self._matrix)
-        return self._tensors, self._stats, self._matrix[j].copy(), int(self._matrix_steps[j])
+        m = next(reversed(self._rings.values())).latest()
+        return None if m is None else (m.tensors, m.stats, m.matrix, m.step)
+
+    def latest_matrices(self) -> tuple[MatrixSnapshot, ...]:
+        """The latest matrix of every layout, least recently updated first."""
+        return tuple(m for m in (r.latest() for r in self._rings.values()) if m is not None)
 
     def snapshot(self) -> SeriesSnapshot:
-        latest = self.latest_matrix()
-        tensors, stats, matrix, matrix_step = latest if latest else ((), (), None, None)
+        matrices = self.latest_matrices()
+        latest = matrices[-1] if matrices else None
         return SeriesSnapshot(
             run=self.run,
             rank=self.rank,
@@ -251,17 +377,18 @@ class SeriesHistory:
             dropped=self.dropped,
             nonfinite_values=self.nonfinite_values,
             scalars=self.latest_scalars(),
-            tensors=tensors,
-            stats=stats,
-            matrix=matrix,
-            matrix_step=matrix_step,
+            tensors=latest.tensors if latest else (),
+            stats=latest.stats if latest else (),
+            matrix=latest.matrix if latest else None,
+            matrix_step=latest.step if latest else None,
+            matrices=matrices,
         )
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the numpy rings of this series."""
-        arrays = [self._steps, self._times, self._values, self._present, self._matrix_steps]
-        return sum(a.nbytes for a in arrays) + (0 if self._matrix is None else self._matrix.nbytes)
+        arrays = [self._steps, self._times, self._values, self._present]
+        return sum(a.nbytes for a in arrays) + sum(r.nbytes for r in self._rings.values())
 
 
 @dataclass(frozen=True)
@@ -275,11 +402,14 @@ class PushResult:
 class History:
     """All tracked series, at most ``max_series`` of them, least recently updated evicted first."""
 
-    def __init__(self, *, steps: int, max_series: int, max_matrix_bytes: int, max_scalar_names: int):
+    def __init__(
+        self, *, steps: int, max_series: int, max_matrix_bytes: int, max_scalar_names: int, max_layouts: int = 8
+    ):
         self.steps = steps
         self.max_series = max_series
         self.max_matrix_bytes = max_matrix_bytes
         self.max_scalar_names = max_scalar_names
+        self.max_layouts = max_layouts
         self._series: OrderedDict[SeriesKey, SeriesHistory] = OrderedDict()
 
     def push(self, msg: StatsMessage, received_at: float) -> PushResult:
@@ -295,6 +425,7 @@ class History:
                 steps=self.steps,
                 max_matrix_bytes=self.max_matrix_bytes,
                 max_scalar_names=self.max_scalar_names,
+                max_layouts=self.max_layouts,
             )
             self._series[key] = series
         else:

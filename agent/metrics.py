@@ -13,15 +13,23 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from agent import __version__
+from agent.commands import ACK_STATUSES, ACTIONS
 from agent.config import AgentConfig
+from agent.history import SeriesSnapshot
 from agent.protocol import REJECT_REASONS
 from agent.state import AgentState
+
+if TYPE_CHECKING:
+    from agent.command_server import CommandServer
+    from agent.recording import StatsRecorder
+    from agent.supervisor import Supervisor
 
 SERIES_LABELS = ["run", "rank"]
 PARAM_LABELS = ["run", "rank", "param"]
@@ -202,11 +210,36 @@ def _series_families() -> dict[str, Metric]:
     return fams
 
 
+def _merged_columns(s: SeriesSnapshot, max_stats: int) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Per statistic, the rows of every layout that carries it (a (tensor, statistic) cell is in
+    one layout only, see agent.history); the first ``max_stats`` statistics in layout order."""
+    out: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+    for m in s.matrices:
+        for si, stat in enumerate(m.stats):
+            if stat not in out:
+                if len(out) >= max_stats:
+                    continue
+                out[stat] = ([], [])
+            out[stat][0].extend(m.tensors)
+            out[stat][1].append(m.matrix[:, si])
+    return {stat: (names, np.concatenate(cols)) for stat, (names, cols) in out.items()}
+
+
 class AgentCollector(Collector):
     """Reads ``AgentState`` at scrape time and yields every sentinel metric family."""
 
-    def __init__(self, state: AgentState, config: AgentConfig, *, version: str = __version__):
+    def __init__(
+        self,
+        state: AgentState,
+        config: AgentConfig,
+        *,
+        version: str = __version__,
+        supervisor: Supervisor | None = None,
+        commands: CommandServer | None = None,
+        recorder: StatsRecorder | None = None,
+    ):
         self.state = state
+        self.supervisor, self.commands, self.recorder = supervisor, commands, recorder
         self.max_tensors = config.export.max_tensors_per_stat
         self.max_stats = config.export.max_stats
         self.version = version
@@ -230,9 +263,7 @@ class AgentCollector(Collector):
                     fams[name].add_metric(lv, value)
                 else:
                     fams["observed"].add_metric([*lv, name], value)
-            if s.matrix is None:
-                continue
-            for si, stat in enumerate(s.stats[: self.max_stats]):
+            for stat, (names, column) in _merged_columns(s, self.max_stats).items():
                 fam_name = stat_family_name(stat)
                 if owner.setdefault(fam_name, stat) != stat:
                     continue  # another statistic already exports under this sanitised name
@@ -244,12 +275,146 @@ class AgentCollector(Collector):
                         "dedicated metric (unit set by the trainer).",
                         labels=PARAM_LABELS,
                     )
-                column = s.matrix[:, si]
                 for ti in top_k(column, self.max_tensors).tolist():
-                    fam.add_metric([*lv, s.tensors[ti]], float(column[ti]))
+                    fam.add_metric([*lv, names[ti]], float(column[ti]))
         yield from fams.values()
         yield from (stat_fams[name] for name in sorted(stat_fams))
         yield from self._agent_families(snap)
+        if self.supervisor is not None:
+            yield from self._supervisor_families()
+        if self.commands is not None:
+            yield from self._command_families()
+        if self.recorder is not None:
+            yield CounterMetricFamily(
+                "sentinel_agent_recorded_messages",
+                "Messages written to the statistics recordings (messages).",
+                value=self.recorder.recorded,
+            )
+            yield CounterMetricFamily(
+                "sentinel_agent_recording_errors",
+                "Messages that could not be written to the recordings, e.g. disk full (messages).",
+                value=self.recorder.errors,
+            )
+
+    def _supervisor_families(self) -> Iterator[Metric]:
+        assert self.supervisor is not None
+        snap = self.supervisor.snapshot()
+        risk = GaugeMetricFamily(
+            "sentinel_spike_risk",
+            "Risk of a loss spike or divergence of the run, 0..1 (dimensionless; explanation in the agent log "
+            "and event log).",
+            labels=["run"],
+        )
+        eta = GaugeMetricFamily(
+            "sentinel_spike_eta_steps",
+            "Steps until a trend predictor's statistic reaches its limit, smallest over layers (steps); "
+            "absent when the predictor has no ETA.",
+            labels=["run", "predictor"],
+        )
+        info = GaugeMetricFamily(
+            "sentinel_risk_explanation_info",
+            "Always 1: the layer each trend predictor currently finds riskiest for the run.",
+            labels=["run", "predictor", "layer"],
+        )
+        for r in snap.runs:
+            risk.add_metric([r.run], r.risk.score)
+            for predictor, value in sorted(r.etas.items()):
+                eta.add_metric([r.run, predictor], value)
+            for predictor, f in sorted(r.top.items()):
+                info.add_metric([r.run, predictor, f.layer], 1.0)
+        yield risk
+        yield eta
+        yield info
+        det = CounterMetricFamily(
+            "sentinel_detections",
+            "Detections by the agent's predictors, by detector and severity (detections).",
+            labels=["run", "detector", "severity"],
+        )
+        for (run, detector, severity), n in sorted(snap.detections.items()):
+            det.add_metric([run, detector, severity], n)
+        yield det
+        actions = CounterMetricFamily(
+            "sentinel_agent_actions",
+            "Decisions taken by the agent's policy, by the action chosen (decisions).",
+            labels=["action"],
+        )
+        for action in ACTIONS:
+            actions.add_metric([action], snap.actions.get(action, 0))
+        yield actions
+        suppressed = CounterMetricFamily(
+            "sentinel_agent_suppressed_decisions",
+            "Detections a policy rule matched but the limits held back, by reason (decisions).",
+            labels=["reason"],
+        )
+        for reason, n in snap.suppressed.items():
+            suppressed.add_metric([reason], n)
+        yield suppressed
+        yield CounterMetricFamily(
+            "sentinel_agent_event_log_errors",
+            "Decisions not taken because the event log could not be written (decisions).",
+            value=snap.event_log_errors,
+        )
+
+    def _command_families(self) -> Iterator[Metric]:
+        assert self.commands is not None
+        c = self.commands.snapshot()
+        sent = CounterMetricFamily(
+            "sentinel_agent_commands_sent", "Commands sent to trainers, first sends only (commands).", labels=["action"]
+        )
+        for action in ACTIONS:
+            sent.add_metric([action], c.sent.get(action, 0))
+        yield sent
+        yield CounterMetricFamily(
+            "sentinel_agent_command_resends",
+            "Commands sent again because no acknowledgement came in time (sends).",
+            value=c.resends,
+        )
+        acks = CounterMetricFamily(
+            "sentinel_agent_command_acks",
+            "Acknowledgements received from trainers, by status (acks).",
+            labels=["status"],
+        )
+        for status in ACK_STATUSES:
+            acks.add_metric([status], c.acks.get(status, 0))
+        yield acks
+        rejected = CounterMetricFamily(
+            "sentinel_agent_rejected_commands",
+            "Frames received on the command channel and rejected, by reason (frames).",
+            labels=["reason"],
+        )
+        for reason, n in c.rejected.items():
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield CounterMetricFamily(
+            "sentinel_agent_undeliverable_commands",
+            "Commands held because no trainer of their run was connected (commands).",
+            value=c.undeliverable,
+        )
+        yield CounterMetricFamily(
+            "sentinel_agent_expired_commands",
+            "Commands given up unacknowledged after commands.expire_seconds (commands).",
+            value=c.expired,
+        )
+        yield CounterMetricFamily(
+            "sentinel_agent_command_handshake_failures",
+            "Connections to the command channel that failed the security handshake (connections).",
+            value=c.handshake_failures,
+        )
+        yield CounterMetricFamily(
+            "sentinel_agent_refused_client_keys",
+            "CURVE client keys refused by the command channel's authenticator (handshakes).",
+            value=c.refused_keys,
+        )
+        yield GaugeMetricFamily(
+            "sentinel_agent_pending_commands",
+            "Commands sent or held and not yet acknowledged (commands).",
+            value=c.pending,
+        )
+        yield GaugeMetricFamily(
+            "sentinel_agent_command_connected_runs",
+            "Runs whose trainer has said hello on the command channel (runs).",
+            value=c.connected_runs,
+        )
 
     def _agent_families(self, snap) -> Iterator[Metric]:
         yield CounterMetricFamily(
@@ -287,8 +452,15 @@ class AgentCollector(Collector):
         yield info
 
 
-def make_registry(state: AgentState, config: AgentConfig) -> CollectorRegistry:
+def make_registry(
+    state: AgentState,
+    config: AgentConfig,
+    *,
+    supervisor: Supervisor | None = None,
+    commands: CommandServer | None = None,
+    recorder: StatsRecorder | None = None,
+) -> CollectorRegistry:
     """A fresh registry holding only the agent collector (not the process-global default)."""
     registry = CollectorRegistry()
-    registry.register(AgentCollector(state, config))
+    registry.register(AgentCollector(state, config, supervisor=supervisor, commands=commands, recorder=recorder))
     return registry

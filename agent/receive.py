@@ -18,7 +18,7 @@ import zmq
 
 from agent import protocol
 from agent.config import AgentConfig, bind_endpoint
-from agent.history import SeriesKey
+from agent.history import PushResult, SeriesKey
 from agent.protocol import ProtocolError, StatsMessage
 from agent.state import AgentState
 
@@ -97,8 +97,10 @@ class Receiver:
         context: zmq.Context | None = None,
         poll_ms: int = 100,
         limiter: RateLimiter | None = None,
+        on_message: Callable[[StatsMessage, PushResult, float], None] | None = None,
     ):
         self.state = state
+        self.on_message = on_message
         self.config = config
         self.max_bytes = config.limits.max_message_bytes
         self.max_layouts = config.limits.max_series
@@ -233,6 +235,12 @@ class Receiver:
             )
         if result.evicted is not None:
             self._log_evicted(result.evicted)
+        if self.on_message is not None:
+            try:
+                self.on_message(msg, result, received_at)
+            except Exception:  # the message is recorded; a predictor bug must not make it a reject
+                if self.limiter.allow("on_message"):
+                    logger.exception("error while analysing run=%s step=%d; continuing", clean(msg.run), msg.step)
         if result.scalar_overflow and self.limiter.allow("scalar_overflow"):
             logger.warning(
                 "run=%s rank=%d sends more than limits.max_scalar_names=%d other scalar names; the rest are ignored",

@@ -38,6 +38,7 @@ class AgentProcess:
         args: Sequence[str] = (),
         stats_endpoint: str = "tcp://127.0.0.1:*",
         metrics_port: int = 0,
+        commands_endpoint: str | None = "tcp://127.0.0.1:*",
     ):
         self._tmp = tempfile.TemporaryDirectory(prefix="sentinel-agent-") if workdir is None else None
         self.workdir = Path(workdir or self._tmp.name)
@@ -51,7 +52,9 @@ class AgentProcess:
         self.args = list(args)
         self._stats_endpoint_arg = stats_endpoint
         self._metrics_port_arg = metrics_port
+        self._commands_endpoint_arg = commands_endpoint
         self.proc: subprocess.Popen | None = None
+        self.commands_endpoint: str | None = None
         self.stats_endpoint = ""
         self.metrics_url = ""
         self.pid = 0
@@ -59,6 +62,8 @@ class AgentProcess:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "agent", "run", "--stats-endpoint", self._stats_endpoint_arg]
         cmd += ["--metrics-port", str(self._metrics_port_arg), "--ready-file", str(self.ready_path)]
+        if self._commands_endpoint_arg is not None:
+            cmd += ["--commands-endpoint", self._commands_endpoint_arg]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         return cmd + self.args
@@ -67,7 +72,9 @@ class AgentProcess:
         """Start and wait until the ready file appears; raises RuntimeError with the agent's log otherwise."""
         self.ready_path.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(  # in workdir: the default state_dir lands there
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir
+            )
         deadline = time.monotonic() + timeout
         while not self.ready_path.exists():
             if self.proc.poll() is not None:
@@ -79,6 +86,7 @@ class AgentProcess:
             time.sleep(0.02)
         info = json.loads(self.ready_path.read_text())
         self.stats_endpoint, self.metrics_url, self.pid = info["stats_endpoint"], info["metrics_url"], info["pid"]
+        self.commands_endpoint = info.get("commands_endpoint")
         return self
 
     @property
@@ -117,6 +125,8 @@ class AgentProcess:
         self.stop()
         self._stats_endpoint_arg = f"tcp://127.0.0.1:{stats_port}"
         self._metrics_port_arg = metrics_port
+        if self._commands_endpoint_arg is not None and self.commands_endpoint:
+            self._commands_endpoint_arg = f"tcp://127.0.0.1:{_port(self.commands_endpoint)}"
         return self.start(timeout)
 
     def __enter__(self) -> AgentProcess:

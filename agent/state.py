@@ -1,7 +1,7 @@
 """The agent's shared state: history plus its own counters, behind one lock.
 
-The receiver thread writes it, the /metrics handler threads read it; the future policy will
-record its decisions here.  Readers take a ``snapshot()`` (copies made under the lock) and
+The receiver thread writes it, the /metrics handler threads read it; the supervisor counts
+the policy's decisions here.  Readers take a ``snapshot()`` (copies made under the lock) and
 do their slow work, such as formatting metrics, after releasing it, so a scrape never
 holds up the receiver for longer than the copy.
 """
@@ -35,6 +35,7 @@ class AgentState:
             max_series=config.limits.max_series,
             max_matrix_bytes=config.history.max_matrix_bytes,
             max_scalar_names=config.limits.max_scalar_names,
+            max_layouts=config.history.max_layouts,
         )
         self.received_messages = 0
         self.rejected_messages = dict.fromkeys(REJECT_REASONS, 0)
@@ -55,7 +56,7 @@ class AgentState:
             self.rejected_messages[reason] += 1
 
     def record_decision(self, n: int = 1) -> None:
-        """Count decisions taken by the agent's policy (the policy itself comes later)."""
+        """Count decisions taken by the agent's policy (agent/supervisor.py)."""
         if n < 0:
             raise ValueError("decisions can only be added")
         with self.lock:

@@ -144,9 +144,12 @@ class OptimConfig:
 @dataclass
 class CurveConfig:
     secret_file: str | None = option(
-        None, doc="The trainer's secret certificate (from `sentinel-agent keys DIR`); with the next key, turns CURVE on."
+        None,
+        doc="The trainer's secret certificate (from `sentinel-agent keys DIR`); with the next key, turns CURVE on.",
     )
-    server_public_file: str | None = option(None, doc="The agent's public certificate (from `sentinel-agent keys DIR`).")
+    server_public_file: str | None = option(
+        None, doc="The agent's public certificate (from `sentinel-agent keys DIR`)."
+    )
 
     def __post_init__(self) -> None:
         if (self.secret_file is None) != (self.server_public_file is None):
@@ -186,7 +189,9 @@ class CheckpointConfig:
         None, doc="Folder of the checkpoints, shared by all ranks; null turns checkpointing (and rollback) off."
     )
     every: int = option(500, range=(1, None), doc="Save a checkpoint every N steps (step % N == 0).")
-    keep: int = option(3, range=(2, None), doc="Good checkpoints kept; older ones are deleted once a newer one is good.")
+    keep: int = option(
+        3, range=(2, None), doc="Good checkpoints kept; older ones are deleted once a newer one is good."
+    )
     good_after: int = option(
         100, range=(1, None), doc="Clean steps after a save before the checkpoint counts as good (rollback target)."
     )

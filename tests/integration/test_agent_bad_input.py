@@ -113,7 +113,7 @@ def test_restart_reuses_ports_and_the_trainer_socket_reconnects(running_agent):
 
 
 def run_agent(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "agent", "run", *args]
+    cmd = [sys.executable, "-m", "agent", "run", "--commands-endpoint", "tcp://127.0.0.1:*", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=20)
 
 

@@ -415,8 +415,15 @@ def test_metrics_doc_lists_every_family():
 # The same path through the real listeners, in-process.
 
 
-def test_in_process_agent_serves_metrics_and_stops_promptly():
-    agent = Agent({"stats_endpoint": "tcp://127.0.0.1:0", "metrics": {"port": 0}})
+def test_in_process_agent_serves_metrics_and_stops_promptly(tmp_path):
+    agent = Agent(
+        {
+            "stats_endpoint": "tcp://127.0.0.1:0",
+            "metrics": {"port": 0},
+            "commands": {"endpoint": "tcp://127.0.0.1:0"},
+            "state_dir": str(tmp_path),
+        }
+    )
     with agent:
         assert re.fullmatch(r"tcp://127\.0\.0\.1:\d+", agent.stats_endpoint)
         assert agent.stats_endpoint != "tcp://127.0.0.1:0"

@@ -1,0 +1,252 @@
+"""Recordings of the statistics the agent accepted, for ``sentinel-agent replay`` and run reports.
+
+One JSON-lines file per run, ``<recording dir>/stats-<run>.jsonl`` (the run name made safe
+for a file name, see ``file_stem``), rotated at ``recording.max_file_bytes`` into
+``stats-<run>.1.jsonl`` (newest) ... ``stats-<run>.<max_files - 1>.jsonl`` (oldest), so a run
+never holds more than ``max_file_bytes x max_files`` bytes of disk.  Each file stands alone:
+
+1. ``{"type": "recording", "format": "sentinel-stats", "v": 1, "run": ..., "created": ...}``
+2. ``{"type": "layout", "id": "<16 hex>", "scalars": [...], "stats": [...], "tensors": [...]}``
+   before the first message that uses a layout (the id is the protocol's layout id);
+3. ``{"type": "stats", "run", "rank", "step", "time", "received", "seq", "sent", "dropped",
+   "layout": "<id>", "scalars": [...], "matrix": "<base64>"}``: ``scalars`` in layout order,
+   with non-finite values as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``;
+   ``matrix`` the tensors x stats float32 little-endian row-major bytes in base64 (``""``
+   when the layout has none), exact and compact.
+
+Lines are flushed as written (not fsynced: a recording is evidence, not the audit trail).  A
+write error (disk full) is logged and counted; the agent goes on without the recording.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.events import plain
+from agent.protocol import DTYPE, Layout, StatsMessage, layout_id
+
+logger = logging.getLogger("sentinel.agent")
+
+FORMAT = "sentinel-stats"
+RECORDING_VERSION = 1
+MAX_OPEN_FILES = 16
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def file_stem(run: str) -> str:
+    """``stats-<run>`` with characters other than letters, digits, ``._-`` replaced by ``_``;
+    names that had to change (or are long) get 8 hex digits of their hash appended."""
+    safe = _UNSAFE.sub("_", run)[:80].lstrip(".") or "run"
+    if safe != run:
+        safe += "-" + hashlib.blake2b(run.encode("utf-8", "replace"), digest_size=4).hexdigest()
+    return f"stats-{safe}"
+
+
+class _File:
+    def __init__(self, path: Path, run: str):
+        self.path, self.run = path, run
+        self.f = open(path, "ab")  # noqa: SIM115 - kept open across messages, closed by close()
+        self.size = self.f.tell()
+        self.layouts: set[str] = set()
+        if self.size == 0:
+            self._line(
+                {"type": "recording", "format": FORMAT, "v": RECORDING_VERSION, "run": run, "created": time.time()}
+            )
+        else:
+            self._find_layouts()
+
+    def _find_layouts(self) -> None:
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if raw.startswith(b'{"type":"layout"'):
+                    try:
+                        self.layouts.add(json.loads(raw)["id"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+
+    def _line(self, obj: dict) -> None:
+        data = (json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False) + "\n").encode()
+        self.f.write(data)
+        self.size += len(data)
+
+    def write(self, msg: StatsMessage, received_at: float, lid: str) -> None:
+        if lid not in self.layouts:
+            lay = msg.layout
+            self._line({"type": "layout", "id": lid, "scalars": list(lay.scalars), "stats": list(lay.stats),
+                        "tensors": list(lay.tensors)})  # fmt: skip
+            self.layouts.add(lid)
+        matrix = base64.b64encode(np.ascontiguousarray(msg.matrix, dtype=DTYPE).tobytes()).decode()
+        self._line(
+            {
+                "type": "stats",
+                "run": msg.run,
+                "rank": msg.rank,
+                "step": msg.step,
+                "time": msg.time,
+                "received": received_at,
+                "seq": msg.seq,
+                "sent": msg.sent,
+                "dropped": msg.dropped,
+                "layout": lid,
+                "scalars": plain([float(v) for v in msg.scalars]),
+                "matrix": matrix,
+            }
+        )
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class StatsRecorder:
+    """Appends accepted messages to per-run files; bounded in disk and open files."""
+
+    def __init__(self, directory: str | Path, *, max_file_bytes: int, max_files: int):
+        self.directory = Path(directory)
+        self.max_file_bytes, self.max_files = max_file_bytes, max_files
+        self.recorded = 0
+        self.errors = 0
+        self._files: OrderedDict[str, _File] = OrderedDict()
+        self._layout_ids: dict[Layout, str] = {}
+
+    def path_for(self, run: str, index: int = 0) -> Path:
+        stem = file_stem(run)
+        return self.directory / (f"{stem}.jsonl" if index == 0 else f"{stem}.{index}.jsonl")
+
+    def _layout_id(self, layout: Layout) -> str:
+        lid = self._layout_ids.get(layout)
+        if lid is None:
+            if len(self._layout_ids) > 4096:
+                self._layout_ids.clear()
+            lid = self._layout_ids[layout] = layout_id(layout.encode())
+        return lid
+
+    def record(self, msg: StatsMessage, received_at: float) -> bool:
+        """Append one message; False (logged, counted) if the disk refused it."""
+        try:
+            f = self._open(msg.run)
+            f.write(msg, received_at, self._layout_id(msg.layout))
+            if f.size >= self.max_file_bytes:
+                self._rotate(msg.run)
+            self.recorded += 1
+            return True
+        except OSError as exc:
+            self.errors += 1
+            self._drop(msg.run)
+            if self.errors == 1 or self.errors % 1000 == 0:
+                logger.error("cannot record statistics of run %s: %s (%d errors so far)", msg.run, exc, self.errors)
+            return False
+
+    def _open(self, run: str) -> _File:
+        f = self._files.get(run)
+        if f is not None:
+            self._files.move_to_end(run)
+            return f
+        self.directory.mkdir(parents=True, exist_ok=True)
+        while len(self._files) >= MAX_OPEN_FILES:
+            _, old = self._files.popitem(last=False)
+            old.close()
+        f = self._files[run] = _File(self.path_for(run), run)
+        return f
+
+    def _drop(self, run: str) -> None:
+        f = self._files.pop(run, None)
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
+
+    def _rotate(self, run: str) -> None:
+        self._drop(run)
+        oldest = self.path_for(run, self.max_files - 1)
+        if self.max_files == 1:
+            oldest.unlink(missing_ok=True)
+            return
+        oldest.unlink(missing_ok=True)
+        for i in range(self.max_files - 2, -1, -1):
+            src = self.path_for(run, i)
+            if src.exists():
+                os.replace(src, self.path_for(run, i + 1))
+
+    def close(self) -> None:
+        for run in list(self._files):
+            self._drop(run)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    message: StatsMessage
+    received_at: float
+
+
+class RecordingError(ValueError):
+    """The file is not a sentinel statistics recording."""
+
+
+def _number(v: object) -> float:
+    if isinstance(v, str):
+        return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[v]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    raise TypeError("not a number")
+
+
+def read_recording(paths: Iterable[str | Path], *, skipped: list[str] | None = None) -> Iterator[Recorded]:
+    """Messages of one or more recording files, in file order; bad lines are skipped (and
+    described in ``skipped`` when given).  Raises RecordingError for a file that is not one."""
+    for path in paths:
+        layouts: dict[str, Layout] = {}
+        with open(path, "rb") as f:
+            first = f.readline()
+            try:
+                head = json.loads(first)
+            except (ValueError, UnicodeDecodeError):
+                head = None
+            if not isinstance(head, dict) or head.get("format") != FORMAT:
+                raise RecordingError(f"{path} is not a {FORMAT} recording (first line: {first[:80]!r})")
+            if head.get("v") != RECORDING_VERSION:
+                raise RecordingError(
+                    f"{path}: recording version {head.get('v')!r}, this agent reads {RECORDING_VERSION}"
+                )
+            for number, raw in enumerate(f, 2):
+                try:
+                    rec = json.loads(raw)
+                    if rec["type"] == "layout":
+                        layouts[rec["id"]] = Layout(tuple(rec["scalars"]), tuple(rec["stats"]), tuple(rec["tensors"]))
+                        continue
+                    if rec["type"] != "stats":
+                        continue
+                    layout = layouts[rec["layout"]]
+                    scalars = np.array([_number(v) for v in rec["scalars"]], dtype=DTYPE)
+                    matrix = np.frombuffer(base64.b64decode(rec["matrix"], validate=True), dtype=DTYPE)
+                    if len(scalars) != len(layout.scalars) or matrix.size != len(layout.tensors) * len(layout.stats):
+                        raise ValueError("sizes do not match the layout")
+                    msg = StatsMessage(
+                        run=str(rec["run"]),
+                        rank=int(rec["rank"]),
+                        step=int(rec["step"]),
+                        time=float(rec["time"]),
+                        seq=int(rec.get("seq", 0)),
+                        sent=int(rec.get("sent", 0)),
+                        dropped=int(rec.get("dropped", 0)),
+                        layout=layout,
+                        scalars=scalars,
+                        matrix=matrix.reshape(len(layout.tensors), len(layout.stats)),
+                    )
+                    yield Recorded(msg, float(rec.get("received", msg.time)))
+                except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                    if skipped is not None:
+                        skipped.append(f"{path}:{number}: {type(exc).__name__}: {exc}"[:300])
