@@ -40,11 +40,12 @@ def chunks(items: Iterable[int], params: Sequence[Tensor], max_elements: int) ->
         yield chunk
 
 
-def _bias_correction(steps: list[Tensor], beta: float, on_host: bool) -> list:
-    """1 - beta**step per tensor: floats for host step counters, 0-dim tensors for device ones."""
+def _bias_corrections(steps: list[Tensor], beta1: float, beta2: float, on_host: bool) -> tuple[list, list]:
+    """(1 - beta1**step, 1 - beta2**step) per tensor: floats for host counters, 0-dim tensors for device ones."""
     if on_host:
-        return [1.0 - beta**t for t in torch.stack(steps).tolist()]
-    return [1.0 - beta**s for s in steps]
+        values = torch.stack(steps).tolist()
+        return [1.0 - beta1**t for t in values], [1.0 - beta2**t for t in values]
+    return [1.0 - beta1**s for s in steps], [1.0 - beta2**s for s in steps]
 
 
 @dataclass
@@ -107,13 +108,13 @@ def adam_chunks(
             st = [state[params[i]] for i in chunk]
             steps = [s["step"] for s in st]
             on_host = steps[0].device.type == "cpu" if host_steps is None else host_steps
-            b2 = _bias_correction(steps, beta2, on_host)
+            b1, b2 = _bias_corrections(steps, beta1, beta2, on_host)
             yield AdamChunk(
                 index=chunk,
                 params=[params[i] for i in chunk],
                 exp_avg=[s["exp_avg"] for s in st],
                 v=[s[v_key] for s in st],
-                b1=_bias_correction(steps, beta1, on_host),
+                b1=b1,
                 root_b2=[math.sqrt(b) if isinstance(b, float) else b.sqrt() for b in b2],
                 eps=eps,
                 scale=lr / (1.0 - lr * wd),

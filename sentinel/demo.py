@@ -82,7 +82,11 @@ def run_demo(steps: int, lr: float, metrics_port: int, seed: int = 0, out=sys.st
 
         progress = _progress(steps)
         start = time.perf_counter()
-        config = {"run": "demo", "publish": {"endpoint": agent.stats_endpoint}}
+        config = {
+            "run": "demo",
+            "publish": {"endpoint": agent.stats_endpoint},
+            "control": {"endpoint": agent.commands_endpoint},
+        }
         losses = train(TrainConfig(steps=steps, lr=lr, seed=seed), sentinel_config=config, on_step=on_step)
         seconds = time.perf_counter() - start
         time.sleep(0.5)  # let the last messages land before reading the agent's counters
