@@ -55,6 +55,7 @@ class AgentProcess:
         self._commands_endpoint_arg = commands_endpoint
         self.proc: subprocess.Popen | None = None
         self.commands_endpoint: str | None = None
+        self.events_path: str | None = None
         self.stats_endpoint = ""
         self.metrics_url = ""
         self.pid = 0
@@ -87,6 +88,8 @@ class AgentProcess:
         info = json.loads(self.ready_path.read_text())
         self.stats_endpoint, self.metrics_url, self.pid = info["stats_endpoint"], info["metrics_url"], info["pid"]
         self.commands_endpoint = info.get("commands_endpoint")
+        events = info.get("events_path")
+        self.events_path = str(self.workdir / events) if events else None  # the agent runs in workdir
         return self
 
     @property
