@@ -34,29 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 import sentinel  # noqa: E402
 from agent.spawn import AgentProcess  # noqa: E402
-from examples.tiny_gpt import GPT, GPTConfig, Windows, stdlib_corpus  # noqa: E402
+from examples.tiny_gpt import GPT, BadRegion, GPTConfig, Windows, stdlib_corpus  # noqa: E402
 
 CFG = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
 BATCH = 16
-
-
-class Corrupted(torch.utils.data.Dataset):
-    """Windows whose items in [lo, hi) are replaced by garbage: the bad-batch region."""
-
-    def __init__(self, base: Windows, lo: int, hi: int, kind: str):
-        self.base, self.lo, self.hi, self.kind = base, lo, hi, kind
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        if not self.lo <= i < self.hi:
-            return self.base[i]
-        if self.kind == "constant":
-            chunk = torch.full((CFG.block_size + 1,), ord("A"), dtype=torch.long)
-        else:
-            chunk = torch.randint(0, 256, (CFG.block_size + 1,), generator=torch.Generator().manual_seed(i))
-        return chunk[:-1], chunk[1:]
 
 
 def train(seed: int, args: argparse.Namespace, bad: bool, agent: AgentProcess | None, ckpt: str | None) -> dict:
@@ -69,7 +50,7 @@ def train(seed: int, args: argparse.Namespace, bad: bool, agent: AgentProcess | 
     spare = args.skip + args.steps_back + 20  # batches for the updates a rollback takes back
     data: torch.utils.data.Dataset = Windows(tokens, CFG.block_size, (n_batches + spare) * BATCH, seed=seed)
     if bad:
-        data = Corrupted(data, args.start * BATCH, (args.start + args.length) * BATCH, args.kind)
+        data = BadRegion(data, args.start * BATCH, (args.start + args.length) * BATCH, args.kind)
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH)
     held_out = [Windows(tokens, CFG.block_size, 256, seed=99_999)[i] for i in range(256)]
     xv, yv = torch.stack([x for x, _ in held_out]), torch.stack([y for _, y in held_out])

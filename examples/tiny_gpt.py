@@ -54,6 +54,26 @@ class Windows(torch.utils.data.Dataset):
         return chunk[:-1], chunk[1:]
 
 
+class BadRegion(torch.utils.data.Dataset):
+    """`data` with items [lo, hi) replaced by garbage (random bytes or one repeated byte): a bad-batch region."""
+
+    def __init__(self, data: torch.utils.data.Dataset, lo: int, hi: int, kind: str = "random"):
+        self.data, self.lo, self.hi, self.kind = data, lo, hi, kind
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data[i]
+        if not self.lo <= i < self.hi:
+            return x, y
+        if self.kind == "constant":
+            chunk = torch.full((len(x) + 1,), ord("A"), dtype=torch.long)
+        else:
+            chunk = torch.randint(0, 256, (len(x) + 1,), generator=torch.Generator().manual_seed(i))
+        return chunk[:-1], chunk[1:]
+
+
 # ---------------------------------------------------------------- model: GPT-2 shaped
 
 
@@ -145,6 +165,9 @@ class TrainConfig:
     warmup: int = 20
     seed: int = 0
     threads: int = 2
+    bad_batches: tuple[int, int] | None = (
+        None  # [first, last) batch replaced by random bytes (sentinel demo --inject-spike)
+    )
 
 
 def make_run(tc: TrainConfig, gpt: GPTConfig | None = None):
@@ -154,6 +177,8 @@ def make_run(tc: TrainConfig, gpt: GPTConfig | None = None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / tc.warmup))
     data = Windows(stdlib_corpus(), model.cfg.block_size, length=tc.steps * tc.batch_size, seed=tc.seed)
+    if tc.bad_batches:
+        data = BadRegion(data, tc.bad_batches[0] * tc.batch_size, tc.bad_batches[1] * tc.batch_size)
     loader = torch.utils.data.DataLoader(data, batch_size=tc.batch_size, shuffle=False)
     return model, optimizer, schedule, loader
 
@@ -162,7 +187,7 @@ def train(tc: TrainConfig, sentinel_config=None, on_step=None) -> list[float]:
     torch.set_num_threads(tc.threads)
     model, optimizer, schedule, loader = make_run(tc)
     losses = []
-    with sentinel.attach(model, optimizer, config=sentinel_config) as sn:  # sentinel
+    with sentinel.attach(model, optimizer, config=sentinel_config, lr_scheduler=schedule) as sn:  # sentinel
         for x, y in sn.batches(loader):  # sentinel
             _, loss = model(x, y)
             loss.backward()

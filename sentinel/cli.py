@@ -20,7 +20,9 @@ def _demo(args: argparse.Namespace) -> int:
         print("sentinel demo: --steps must be at least 1", file=sys.stderr)
         return 2
     try:
-        run_demo(steps=args.steps, lr=args.lr, metrics_port=args.metrics_port, seed=args.seed)
+        run_demo(
+            steps=args.steps, lr=args.lr, metrics_port=args.metrics_port, seed=args.seed, inject_spike=args.inject_spike
+        )
     except RuntimeError as exc:
         print(f"sentinel demo: {exc}", file=sys.stderr)
         return 1
@@ -46,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     demo.add_argument("--seed", type=int, default=0, help="seed for model and data (default 0)")
     demo.add_argument("--metrics-port", type=int, default=0, help="agent /metrics port (default 0: any free port)")
+    demo.add_argument(
+        "--inject-spike",
+        action="store_true",
+        help="corrupt 20 batches mid-run and watch the agent roll back to a good checkpoint and skip them",
+    )
     demo.set_defaults(func=_demo)
     from sentinel.audit import add_audit_parser
 

@@ -7,9 +7,12 @@ with a summary of what went over the wire and what the agent decided.
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -67,12 +70,31 @@ class DemoResult:
     dropped: int
     agent: dict[str, float]
     seconds: float
+    actions: list[str] = field(default_factory=list)
 
 
-def run_demo(steps: int, lr: float, metrics_port: int, seed: int = 0, out=sys.stdout) -> DemoResult:
+def _actions(events_path: str | None) -> list[str]:
+    """One line per decision the agent recorded and per acknowledgement the trainer sent."""
+    if not events_path or not Path(events_path).exists():
+        return []
+    lines = []
+    for raw in Path(events_path).read_text().splitlines():
+        event = json.loads(raw)
+        if event.get("type") == "decision":
+            for c in event.get("commands", []):
+                lines.append(f"step {event['step']}: {c['action']} {c['args']} ({event.get('detector')})")
+        elif event.get("type") == "ack":
+            lines.append(f"step {event['step']}: trainer {event['status']} {event.get('detail', '')}".rstrip())
+    return lines
+
+
+def run_demo(
+    steps: int, lr: float, metrics_port: int, seed: int = 0, inject_spike: bool = False, out=sys.stdout
+) -> DemoResult:
     from sentinel.examples.tiny_gpt import TrainConfig, train
 
-    with AgentProcess(metrics_port=metrics_port) as agent:
+    workdir = tempfile.TemporaryDirectory(prefix="sentinel-demo-")
+    with workdir, AgentProcess(Path(workdir.name) / "agent", metrics_port=metrics_port) as agent:
         print(f"agent up: metrics at {agent.metrics_url}  (statistics on {agent.stats_endpoint})", file=out, flush=True)
         counters: dict[str, int] = {}
 
@@ -87,7 +109,18 @@ def run_demo(steps: int, lr: float, metrics_port: int, seed: int = 0, out=sys.st
             "publish": {"endpoint": agent.stats_endpoint},
             "control": {"endpoint": agent.commands_endpoint},
         }
-        losses = train(TrainConfig(steps=steps, lr=lr, seed=seed), sentinel_config=config, on_step=on_step)
+        bad = None
+        if inject_spike:
+            bad = (steps // 2, steps // 2 + 20)
+            config["checkpoint"] = {"dir": str(Path(workdir.name) / "checkpoints"), "every": 50, "good_after": 20}
+            print(
+                f"injecting 20 batches of random bytes at steps {bad[0]}-{bad[1] - 1}; the agent's default policy "
+                "(the PaLM recipe: roll back 100 steps, skip 200 batches) should catch it",
+                file=out,
+                flush=True,
+            )
+        tc = TrainConfig(steps=steps, lr=lr, seed=seed, bad_batches=bad)
+        losses = train(tc, sentinel_config=config, on_step=on_step)
         seconds = time.perf_counter() - start
         time.sleep(0.5)  # let the last messages land before reading the agent's counters
         result = DemoResult(
@@ -97,6 +130,7 @@ def run_demo(steps: int, lr: float, metrics_port: int, seed: int = 0, out=sys.st
             dropped=counters.get("dropped", 0),
             agent=_agent_counts(agent),
             seconds=seconds,
+            actions=_actions(agent.events_path),
         )
     rows = [
         ("steps", f"{result.steps}"),
@@ -116,4 +150,8 @@ def run_demo(steps: int, lr: float, metrics_port: int, seed: int = 0, out=sys.st
     print("\nsummary", file=out)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}", file=out)
+    if result.actions:
+        print("\nagent actions (events.jsonl)", file=out)
+        for line in result.actions:
+            print(f"  {line}", file=out)
     return result
