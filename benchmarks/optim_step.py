@@ -5,8 +5,9 @@ The model is the tiny GPT's architecture at d=768, 8 blocks (≈57M parameters) 
 runs in its own process so its peak resident memory is its own; variants alternate in
 rounds.  Variants:
   plain   AdamW(foreach=True), sentinel not attached
-  clamp   sentinel with the update-ratio clamp only (statistics off)
-  all     guard + WeSaR + ε auto-tuning + clamp (statistics off)
+  clamp     sentinel with the update-ratio clamp only (statistics off)
+  no_wesar  guard + ε auto-tuning + clamp (statistics off)
+  all       guard + WeSaR + ε auto-tuning + clamp (statistics off)
 Prints median step time, its ratio to plain and peak RSS; the last line is
 ``optim_step_ratio=<all/plain>``.
 
@@ -28,6 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "plain": None,
     "clamp": {"clamp": {"enabled": True, "default": 0.05}},
+    "no_wesar": {
+        "guard": {"enabled": True},
+        "eps": {"enabled": True},
+        "clamp": {"enabled": True, "default": 0.05},
+    },
     "all": {
         "guard": {"enabled": True},
         "wesar": {"enabled": True},
@@ -100,11 +106,13 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds}: {v} done", file=sys.stderr, flush=True)
 
     plain = statistics.median(times["plain"])
-    print(f"model: {n_params / 1e6:.1f}M parameters, AdamW(foreach, lr 1e-4, betas 0.9/0.95, wd 0.1), {args.threads} threads, CPU")
-    print(f"\n{'variant':<8} {'median step':>12} {'ratio':>7} {'peak RSS':>10}")
+    print(
+        f"model: {n_params / 1e6:.1f}M parameters, AdamW(foreach, lr 1e-4, betas 0.9/0.95, wd 0.1), {args.threads} threads, CPU"
+    )
+    print(f"\n{'variant':<9} {'median step':>12} {'ratio':>7} {'peak RSS':>10}")
     for v in VARIANTS:
         med = statistics.median(times[v])
-        print(f"{v:<8} {med * 1e3:>9.1f} ms {med / plain:>7.3f} {peaks[v] / 2**20:>7.0f} MiB")
+        print(f"{v:<9} {med * 1e3:>9.1f} ms {med / plain:>7.3f} {peaks[v] / 2**20:>7.0f} MiB")
     print(f"\nclamp_memory_extra_mib={(peaks['clamp'] - peaks['plain']) / 2**20:.0f}")
     print(f"optim_step_ratio={statistics.median(times['all']) / plain:.3f}")
 
