@@ -79,6 +79,18 @@ STAT_FAMILIES: dict[str, tuple[str, str]] = {
         "sentinel_param_adam_sqrt_v_below_eps_ratio",
         "Fraction of elements of one parameter tensor whose sqrt(v_hat) is below Adam's eps (ratio 0..1).",
     ),
+    "adam_eps": (
+        "sentinel_param_adam_epsilon",
+        "Adam epsilon in effect for one parameter tensor after sentinel's eps auto-tuning (gradient units).",
+    ),
+    "wesar_gate": (
+        "sentinel_param_wesar_gate",
+        "WeSaR gate alpha of one weight matrix, 1 where the tensor has no gate (dimensionless).",
+    ),
+    "clamp_factor": (
+        "sentinel_param_clamp_factor",
+        "Fraction of the last proposed update the update-ratio clamp applied, 1 when untouched (ratio 0..1).",
+    ),
 }
 
 # promtool's lint rules (client_golang promlint) that a generated name could break.
