@@ -17,7 +17,6 @@ Without CURVE the channel is unauthenticated, which ``agent.config`` allows on l
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -36,6 +35,7 @@ from agent.commands import Ack, Command, CommandError, Hello, decode
 from agent.config import CommandsConfig, bind_endpoint
 from agent.events import EventLog
 from agent.receive import RateLimiter, clean
+from agent.socket_thread import SocketThread
 
 logger = logging.getLogger("sentinel.agent")
 
@@ -107,8 +107,10 @@ class CommandStats:
     connected_runs: int = 0
 
 
-class CommandServer:
+class CommandServer(SocketThread):
     """Binds the ROUTER socket and delivers commands from its own thread."""
+
+    thread_name = "sentinel-commands"
 
     def __init__(
         self,
@@ -125,29 +127,15 @@ class CommandServer:
         self.clock = clock
         self.poll_ms = poll_ms
         self.limiter = limiter or RateLimiter()
-        self._own_context = context is None
-        self._context = context
-        self._sock: zmq.Socket | None = None
+        super().__init__(context)
         self._monitor: zmq.Socket | None = None
         self._auth: CurveAuthenticator | None = None
-        self._endpoint: str | None = None
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._done: OrderedDict[str, None] = OrderedDict()
         self._peers: dict[str, bytes] = {}
         self._stats = CommandStats()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._closed = False
-
-    @property
-    def endpoint(self) -> str | None:
-        return self._endpoint
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -176,38 +164,14 @@ class CommandServer:
             self._monitor = sock.get_monitor_socket(sum(HANDSHAKE_EVENTS))
             sock.bind(endpoint)
         except (zmq.ZMQError, OSError, ValueError):
-            self._close_sockets()
+            self._release()
             sock.close(linger=0)
             raise
         self._sock = sock
         self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return self._endpoint
 
-    def start(self) -> None:
-        if self._sock is None:
-            self.bind()
-        self._thread = threading.Thread(target=self._run, name="sentinel-commands", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                logger.error("command server thread did not stop within %.1f s", timeout)
-                return
-        if self._closed:
-            return
-        self._closed = True
-        if self._sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._sock.disable_monitor()
-            self._sock.close(linger=0)
-        self._close_sockets()
-        if self._own_context and self._context is not None:
-            self._context.term()
-
-    def _close_sockets(self) -> None:
+    def _release(self) -> None:
         if self._monitor is not None:
             self._monitor.close(linger=0)
             self._monitor = None

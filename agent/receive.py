@@ -9,7 +9,6 @@ NaN and Inf values are accepted: they are the clearest sign of a diverging run.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -20,6 +19,7 @@ from agent import protocol
 from agent.config import AgentConfig, bind_endpoint
 from agent.history import PushResult, SeriesKey
 from agent.protocol import ProtocolError, StatsMessage
+from agent.socket_thread import SocketThread
 from agent.state import AgentState
 
 logger = logging.getLogger("sentinel.agent")
@@ -86,8 +86,10 @@ def _nonfinite_names(msg: StatsMessage, limit: int = 5) -> str:
     return clean(", ".join(names[:limit]), 200)
 
 
-class Receiver:
+class Receiver(SocketThread):
     """Binds the PULL socket and records every message into ``state`` from its own thread."""
+
+    thread_name = "sentinel-receiver"
 
     def __init__(
         self,
@@ -106,23 +108,8 @@ class Receiver:
         self.max_layouts = config.limits.max_series
         self.poll_ms = poll_ms
         self.limiter = limiter or RateLimiter()
-        self._own_context = context is None
-        self._context = context
-        self._sock: zmq.Socket | None = None
-        self._endpoint: str | None = None
+        super().__init__(context)
         self._layouts: dict[str, protocol.Layout] = {}
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._closed = False
-
-    @property
-    def endpoint(self) -> str | None:
-        """The bound endpoint with the actual port (ZMQ_LAST_ENDPOINT), None before bind()."""
-        return self._endpoint
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def bind(self) -> str:
         """Bind the socket; raises zmq.ZMQError (e.g. address in use)."""
@@ -143,29 +130,6 @@ class Receiver:
         self._sock = sock
         self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return self._endpoint
-
-    def start(self) -> None:
-        """Start the receiving thread (binds first if needed)."""
-        if self._sock is None:
-            self.bind()
-        self._thread = threading.Thread(target=self._run, name="sentinel-receiver", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread and close the socket; safe to call twice."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                logger.error("receiver thread did not stop within %.1f s", timeout)
-                return
-        if self._closed:
-            return
-        self._closed = True
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        if self._own_context and self._context is not None:
-            self._context.term()
 
     def _run(self) -> None:
         assert self._sock is not None
