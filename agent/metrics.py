@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -237,6 +237,16 @@ def _merged_columns(s: SeriesSnapshot, max_stats: int) -> dict[str, tuple[list[s
     return {stat: (names, np.concatenate(cols)) for stat, (names, cols) in out.items()}
 
 
+def _counter_by(
+    name: str, doc: str, label: str, counts: Mapping[str, float], keys: Iterable[str] | None = None
+) -> CounterMetricFamily:
+    """A counter family with one label; every value of ``keys`` is present (0 until counted)."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key in counts if keys is None else keys:
+        family.add_metric([key], counts.get(key, 0))
+    return family
+
+
 class AgentCollector(Collector):
     """Reads ``AgentState`` at scrape time and yields every sentinel metric family."""
 
@@ -345,22 +355,19 @@ class AgentCollector(Collector):
         for (run, detector, severity), n in sorted(snap.detections.items()):
             det.add_metric([run, detector, severity], n)
         yield det
-        actions = CounterMetricFamily(
+        yield _counter_by(
             "sentinel_agent_actions",
             "Decisions taken by the agent's policy, by the action chosen (decisions).",
-            labels=["action"],
+            "action",
+            snap.actions,
+            ACTIONS,
         )
-        for action in ACTIONS:
-            actions.add_metric([action], snap.actions.get(action, 0))
-        yield actions
-        suppressed = CounterMetricFamily(
+        yield _counter_by(
             "sentinel_agent_suppressed_decisions",
             "Detections a policy rule matched but the limits held back, by reason (decisions).",
-            labels=["reason"],
+            "reason",
+            snap.suppressed,
         )
-        for reason, n in snap.suppressed.items():
-            suppressed.add_metric([reason], n)
-        yield suppressed
         yield CounterMetricFamily(
             "sentinel_agent_event_log_errors",
             "Decisions not taken because the event log could not be written (decisions).",
@@ -370,33 +377,31 @@ class AgentCollector(Collector):
     def _command_families(self) -> Iterator[Metric]:
         assert self.commands is not None
         c = self.commands.snapshot()
-        sent = CounterMetricFamily(
-            "sentinel_agent_commands_sent", "Commands sent to trainers, first sends only (commands).", labels=["action"]
+        yield _counter_by(
+            "sentinel_agent_commands_sent",
+            "Commands sent to trainers, first sends only (commands).",
+            "action",
+            c.sent,
+            ACTIONS,
         )
-        for action in ACTIONS:
-            sent.add_metric([action], c.sent.get(action, 0))
-        yield sent
         yield CounterMetricFamily(
             "sentinel_agent_command_resends",
             "Commands sent again because no acknowledgement came in time (sends).",
             value=c.resends,
         )
-        acks = CounterMetricFamily(
+        yield _counter_by(
             "sentinel_agent_command_acks",
             "Acknowledgements received from trainers, by status (acks).",
-            labels=["status"],
+            "status",
+            c.acks,
+            ACK_STATUSES,
         )
-        for status in ACK_STATUSES:
-            acks.add_metric([status], c.acks.get(status, 0))
-        yield acks
-        rejected = CounterMetricFamily(
+        yield _counter_by(
             "sentinel_agent_rejected_commands",
             "Frames received on the command channel and rejected, by reason (frames).",
-            labels=["reason"],
+            "reason",
+            c.rejected,
         )
-        for reason, n in c.rejected.items():
-            rejected.add_metric([reason], n)
-        yield rejected
         yield CounterMetricFamily(
             "sentinel_agent_undeliverable_commands",
             "Commands held because no trainer of their run was connected (commands).",
@@ -434,14 +439,13 @@ class AgentCollector(Collector):
             "Messages the agent read from the statistics socket, accepted or rejected (messages).",
             value=snap.received_messages,
         )
-        rejected = CounterMetricFamily(
+        yield _counter_by(
             "sentinel_agent_rejected_messages",
             "Messages the agent rejected, by reason (messages).",
-            labels=["reason"],
+            "reason",
+            snap.rejected_messages,
+            REJECT_REASONS,
         )
-        for reason in REJECT_REASONS:
-            rejected.add_metric([reason], snap.rejected_messages.get(reason, 0))
-        yield rejected
         yield CounterMetricFamily(
             "sentinel_agent_decisions",
             "Decisions taken by the agent's policy (decisions).",
