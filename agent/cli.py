@@ -1,4 +1,4 @@
-"""Command line of the agent: ``sentinel-agent run | replay | keys`` (also ``python -m agent ...``)."""
+"""Command line of the agent: ``sentinel-agent run | replay | keys | grafana | report`` (or ``python -m agent``)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
+from agent import __version__, grafana_push
 from agent.config import LOG_LEVELS, load_config
 from agent.daemon import Agent, AgentStartError
 from agent.keys import KeysExistError, create_keys
 from agent.recording import RecordingError
 from agent.replay import format_decision, replay
+from agent.report import command as report_command
 from agent.typedconfig import ConfigError
 
 logger = logging.getLogger("sentinel.agent")
@@ -57,9 +58,10 @@ REPLAY_EPILOG = """exit codes:
 """
 
 KEYS_DESCRIPTION = (
-    "Create CURVE key pairs for the command channel in DIR: server.key/server.key_secret (the "
-    "agent), client.key/client.key_secret (a trainer) and authorized/ holding the client's public "
-    "key. Then set commands.curve: {secret_file: DIR/server.key_secret, authorized_dir: DIR/authorized}."
+    "Create CURVE key pairs for the command and statistics channels in DIR: server.key/server.key_secret "
+    "(the agent), client.key/client.key_secret (a trainer) and authorized/ holding the client's public "
+    "key. Then set commands.curve and stats_curve: {secret_file: DIR/server.key_secret, authorized_dir: "
+    "DIR/authorized} (docs/security.md)."
 )
 
 KEYS_EPILOG = """exit codes:
@@ -84,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent", description=RUN_DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
     run.add_argument("--config", type=Path, metavar="PATH", help="agent YAML configuration file")
     run.add_argument("--stats-endpoint", metavar="ENDPOINT", help="ZeroMQ endpoint to bind (tcp://127.0.0.1:*)")
-    run.add_argument("--metrics-host", metavar="HOST", help="address of the /metrics HTTP server")
-    run.add_argument("--metrics-port", type=int, metavar="N", help="port of the /metrics server (0: any)")
+    run.add_argument("--metrics-host", metavar="HOST", help="address of the HTTP server: /metrics, status page /")
+    run.add_argument("--metrics-port", type=int, metavar="N", help="port of the HTTP server (0: any)")
     run.add_argument("--commands-endpoint", metavar="ENDPOINT", help="ZeroMQ endpoint of the command channel")
     run.add_argument("--state-dir", metavar="DIR", help="directory of the event log and recordings")
     run.add_argument("--log-level", choices=LOG_LEVELS, help="log verbosity (default: info)")
@@ -109,11 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--all", action="store_true", help="also print decisions the policy's limits suppressed")
     rep.add_argument("--events", type=Path, metavar="PATH", help="also write the decisions to this events file")
     keys = sub.add_parser(
-        "keys", help="create CURVE keys for the command channel", description=KEYS_DESCRIPTION,
+        "keys", help="create CURVE keys for the command and statistics channels", description=KEYS_DESCRIPTION,
         epilog=KEYS_EPILOG, formatter_class=fmt,
     )  # fmt: skip
     keys.add_argument("dir", type=Path, metavar="DIR", help="directory to write the keys to (created)")
     keys.add_argument("--force", action="store_true", help="replace existing keys")
+    grafana_push.add_parser(sub, fmt)
+    report_command.add_parser(sub, fmt)
     return parser
 
 
@@ -221,10 +225,13 @@ def run_keys(args: argparse.Namespace) -> int:
     print(f"trainer key pair: {paths['client_public']}  {paths['client_secret']}")
     print(f"authorised trainer keys: {paths['authorized_dir']}/")
     print("agent.yaml:")
-    print(
-        f"  commands: {{curve: {{secret_file: {paths['server_secret']}, authorized_dir: {paths['authorized_dir']}}}}}"
-    )
-    print(f"trainer: secret file {paths['client_secret']}, agent public key {paths['server_public']}")
+    curve = f"{{secret_file: {paths['server_secret']}, authorized_dir: {paths['authorized_dir']}}}"
+    print(f"  commands: {{curve: {curve}}}")
+    print(f"  stats_curve: {curve}")
+    print("trainer (sentinel config):")
+    trainer = f"{{secret_file: {paths['client_secret']}, server_public_file: {paths['server_public']}}}"
+    print(f"  control: {{curve: {trainer}}}")
+    print(f"  publish: {{curve: {trainer}}}")
     return EXIT_OK
 
 
@@ -236,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_replay(args)
     if args.command == "keys":
         return run_keys(args)
+    if args.command == "grafana":
+        return grafana_push.main(args)
+    if args.command == "report":
+        return report_command.main(args)
     return EXIT_USAGE  # unreachable: argparse requires a known command
 
 

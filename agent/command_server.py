@@ -26,14 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
-from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from agent.commands import Ack, Command, CommandError, Hello, decode
 from agent.config import CommandsConfig, bind_endpoint
 from agent.events import EventLog
+from agent.keys import HANDSHAKE_EVENTS, CurveAuthenticator, load_secret
 from agent.receive import RateLimiter, clean
 from agent.socket_thread import SocketThread
 
@@ -51,38 +49,6 @@ REJECT_REASONS = (
     "unknown_id",
 )
 MAX_DONE_IDS = 10_000
-HANDSHAKE_EVENTS = {
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed: protocol error (a client without the right security mechanism?)",
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake failed: authentication refused",
-}
-
-
-class CurveAuthenticator(ThreadAuthenticator):
-    """ZAP handler that logs every refused client with its address and public key."""
-
-    def __init__(self, context: zmq.Context):
-        super().__init__(context, log=logging.getLogger("sentinel.agent.zap"))
-        self.refused = 0
-        self._request: tuple[str, str] = ("?", "?")
-
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
-        address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"
-        key = z85.encode(msg[6]).decode() if len(msg) > 6 and len(msg[6]) == 32 else "?"
-        self._request = (address, key)
-        await super().handle_zap_message(msg)
-
-    def _send_zap_reply(self, request_id, status_code, status_text, user_id="anonymous") -> None:
-        if status_code != b"200":
-            self.refused += 1
-            address, key = self._request
-            logger.warning(
-                "command channel: refused client %s with CURVE key %s: %s (not in commands.curve.authorized_dir)",
-                address,
-                key,
-                status_text.decode("utf-8", "replace"),
-            )
-        super()._send_zap_reply(request_id, status_code, status_text, user_id)
 
 
 @dataclass
@@ -154,12 +120,10 @@ class CommandServer(SocketThread):
         try:
             curve = self.cfg.curve
             if curve.secret_file:
-                public, secret = zmq.auth.load_certificate(curve.secret_file)
-                if not secret:
-                    raise OSError(f"{curve.secret_file} holds no secret key")
-                self._auth = CurveAuthenticator(self._context)
-                self._auth.start()
-                self._auth.configure_curve(domain="*", location=str(curve.authorized_dir))
+                public, secret = load_secret(curve.secret_file)
+                self._auth = CurveAuthenticator(
+                    self._context, channel="command", setting="commands.curve.authorized_dir"
+                ).start_for(str(curve.authorized_dir))
                 sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
             self._monitor = sock.get_monitor_socket(sum(HANDSHAKE_EVENTS))
             sock.bind(endpoint)

@@ -144,7 +144,7 @@ def decode(raw: bytes) -> Command | Ack | Hello:
         )
     if kind == "command":
         action = obj.get("action")
-        if action not in ACTIONS:
+        if not isinstance(action, str) or action not in ACTIONS:  # a list or object is not hashable
             raise CommandError("unknown_action", f"action must be one of {sorted(ACTIONS)}")
         issued = obj.get("issued_at", 0.0)
         if not isinstance(issued, (int, float)) or isinstance(issued, bool) or not math.isfinite(issued):

@@ -26,10 +26,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 @dataclass
 class MetricsConfig:
-    host: str = option("127.0.0.1", doc="Address the Prometheus /metrics HTTP server listens on.")
-    port: int = option(9477, range=(0, 65535), doc="TCP port of the /metrics server; 0 picks any free port.")
-    certfile: str | None = option(None, doc="PEM certificate: serve /metrics over HTTPS (needs `metrics.keyfile` too).")
+    host: str = option("127.0.0.1", doc="Address the HTTP server (/metrics, status page) listens on.")
+    port: int = option(9477, range=(0, 65535), doc="TCP port of the HTTP server; 0 picks any free port.")
+    certfile: str | None = option(None, doc="PEM certificate: serve HTTPS (needs `metrics.keyfile` too).")
     keyfile: str | None = option(None, doc="PEM private key for `metrics.certfile`.")
+    client_cafile: str | None = option(
+        None,
+        doc="PEM CA certificate(s): require every HTTP client to present a certificate signed by one of them "
+        "(mutual TLS; needs `metrics.certfile`).",
+    )
 
 
 @dataclass
@@ -92,9 +97,9 @@ class ExportConfig:
 class SecurityConfig:
     allow_insecure_remote: bool = option(
         False,
-        doc="Allow `stats_endpoint` and `metrics.host` on a non-loopback address, and "
-        "`commands.endpoint` without `commands.curve`. None of these is then authenticated, so "
-        "keep this false unless the network is trusted.",
+        doc="Allow `metrics.host` on a non-loopback address without mutual TLS (`metrics.client_cafile`), "
+        "`stats_endpoint` without `stats_curve` and `commands.endpoint` without `commands.curve`. None of "
+        "these is then authenticated, so keep this false unless the network is trusted.",
     )
 
 
@@ -115,6 +120,12 @@ class RecordingConfig:
         64 * MiB, range=(4096, 1 << 40), doc="Size at which a run's recording file is rotated, in bytes."
     )
     max_files: int = option(4, range=(1, 1000), doc="Files kept per run (current + rotated); older ones are deleted.")
+    warm_start_max_age_seconds: float = option(
+        3600.0,
+        range=(0.0, 1e9),
+        doc="At start, runs whose recording changed within this many seconds get their history and detector "
+        "state back from the recording's last `history.steps` messages (agent/warm.py); 0 turns this off.",
+    )
 
 
 @dataclass
@@ -124,6 +135,20 @@ class CurveConfig:
     )
     authorized_dir: str | None = option(
         None, doc="Directory of client public certificates allowed to connect (`DIR/authorized`)."
+    )
+
+
+@dataclass
+class StatsCurveConfig:
+    secret_file: str | None = option(
+        None,
+        doc="The agent's secret certificate (`server.key_secret` from `sentinel-agent keys DIR`); with "
+        "`stats_curve.authorized_dir`, makes the statistics socket a CURVE server (docs/security.md).",
+    )
+    authorized_dir: str | None = option(
+        None,
+        doc="Directory of trainer public certificates allowed to publish statistics (`DIR/authorized`); "
+        "messages from any other key never arrive.",
     )
 
 
@@ -150,6 +175,7 @@ class AgentConfig:
         doc="ZeroMQ endpoint the agent binds its PULL socket to (`tcp://HOST:PORT` or "
         "`ipc://PATH`); PORT may be `*` or 0 for any free port.",
     )
+    stats_curve: StatsCurveConfig = field(default_factory=StatsCurveConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -204,42 +230,57 @@ def is_loopback(host: str) -> bool:
 
 def validate(cfg: AgentConfig) -> AgentConfig:
     """Checks that involve more than one value or parse a string; raises ConfigError."""
+    _validate_curve(cfg.stats_curve, "stats_curve")
     ep = cfg.stats_endpoint
     if ep.startswith("tcp://"):
         try:
             host, _ = parse_tcp_endpoint(ep)
         except ValueError as exc:
             raise ConfigError(f"stats_endpoint: {exc}; allowed: tcp://HOST:PORT or ipc://PATH") from None
-        if not cfg.security.allow_insecure_remote and not is_loopback(host):
+        if not is_loopback(host) and cfg.stats_curve.secret_file is None and not cfg.security.allow_insecure_remote:
             raise ConfigError(
-                f"stats_endpoint: {ep!r} is not a loopback address; the statistics channel is not "
-                "authenticated, set security.allow_insecure_remote: true to allow it"
+                f"stats_endpoint: {ep!r} is not a loopback address and stats_curve is not set; anyone who can "
+                "reach it could feed the agent false statistics, and so trigger rollbacks. Set stats_curve "
+                "(sentinel-agent keys DIR), or security.allow_insecure_remote: true on a trusted network"
             )
     elif not (ep.startswith("ipc://") and len(ep) > len("ipc://")):
         raise ConfigError(f"stats_endpoint: {ep!r} is not allowed; allowed: tcp://HOST:PORT or ipc://PATH")
-    if not cfg.security.allow_insecure_remote and not is_loopback(cfg.metrics.host):
+    m = cfg.metrics
+    mutual_tls = bool(m.certfile and m.keyfile and m.client_cafile)  # clients authenticated in the handshake
+    if not cfg.security.allow_insecure_remote and not mutual_tls and not is_loopback(m.host):
         raise ConfigError(
-            f"metrics.host: {cfg.metrics.host!r} is not a loopback address; /metrics is not "
-            "authenticated, set security.allow_insecure_remote: true to allow it"
+            f"metrics.host: {m.host!r} is not a loopback address; /metrics is not "
+            "authenticated. Set metrics.certfile, metrics.keyfile and metrics.client_cafile (mutual TLS), "
+            "or security.allow_insecure_remote: true on a trusted network"
         )
     _validate_commands(cfg)
     parse_rules(cfg.policy.rules)
     if (cfg.metrics.certfile is None) != (cfg.metrics.keyfile is None):
         missing = "metrics.keyfile" if cfg.metrics.keyfile is None else "metrics.certfile"
         raise ConfigError(f"{missing}: required when the other of metrics.certfile/metrics.keyfile is set")
+    cafile = cfg.metrics.client_cafile
+    if cafile is not None:
+        if cfg.metrics.certfile is None:
+            raise ConfigError("metrics.client_cafile: needs metrics.certfile and metrics.keyfile (mutual TLS is TLS)")
+        if not Path(cafile).is_file():
+            raise ConfigError(f"metrics.client_cafile: {cafile!r} is not a file")
     return cfg
+
+
+def _validate_curve(curve: CurveConfig | StatsCurveConfig, key: str) -> None:
+    if (curve.secret_file is None) != (curve.authorized_dir is None):
+        missing = "secret_file" if curve.secret_file is None else "authorized_dir"
+        raise ConfigError(f"{key}.{missing}: required when the other of secret_file/authorized_dir is set")
+    if curve.secret_file is not None and not Path(curve.secret_file).is_file():
+        raise ConfigError(f"{key}.secret_file: {curve.secret_file!r} is not a file")
+    if curve.authorized_dir is not None and not Path(curve.authorized_dir).is_dir():
+        raise ConfigError(f"{key}.authorized_dir: {curve.authorized_dir!r} is not a directory")
 
 
 def _validate_commands(cfg: AgentConfig) -> None:
     c = cfg.commands
     curve = c.curve
-    if (curve.secret_file is None) != (curve.authorized_dir is None):
-        missing = "secret_file" if curve.secret_file is None else "authorized_dir"
-        raise ConfigError(f"commands.curve.{missing}: required when the other of secret_file/authorized_dir is set")
-    if curve.secret_file is not None and not Path(curve.secret_file).is_file():
-        raise ConfigError(f"commands.curve.secret_file: {curve.secret_file!r} is not a file")
-    if curve.authorized_dir is not None and not Path(curve.authorized_dir).is_dir():
-        raise ConfigError(f"commands.curve.authorized_dir: {curve.authorized_dir!r} is not a directory")
+    _validate_curve(curve, "commands.curve")
     if not c.enabled:
         return
     ep = c.endpoint

@@ -1,4 +1,4 @@
-"""The agent process in one object: state, receiver, supervisor, command server and /metrics.
+"""The agent process in one object: state, receiver, supervisor, command server and HTTP server.
 
 ``Agent`` is what the CLI runs and what a test or an embedding program can start in-process:
 ``start()`` opens the event log (reading back earlier decisions) and binds every listener (so
@@ -13,19 +13,21 @@ import os
 import threading
 
 import zmq
-from prometheus_client import start_http_server
 
 from agent import __version__
 from agent.command_server import CommandServer
 from agent.config import AgentConfig, load_config, state_path
 from agent.events import EventLog
 from agent.history import PushResult
+from agent.http import HTTPService, make_app
 from agent.metrics import make_registry
 from agent.protocol import StatsMessage
 from agent.receive import Receiver
 from agent.recording import StatsRecorder
 from agent.state import AgentState
+from agent.status_page import StatusBoard, render_page
 from agent.supervisor import Supervisor
+from agent.warm import warm_start
 
 logger = logging.getLogger("sentinel.agent")
 
@@ -53,12 +55,16 @@ class Agent:
             if cfg.recording.enabled
             else None
         )
+        self.supervisor.recorder = self.recorder  # risk lines beside the statistics (docs/report.md)
         self.registry = make_registry(
             self.state, cfg, supervisor=self.supervisor, commands=self.commands, recorder=self.recorder
         )
         self.receiver = Receiver(self.state, cfg, on_message=self._on_message)
-        self._server = None
-        self._server_thread: threading.Thread | None = None
+        self.registry.register(self.receiver)  # the statistics channel's handshake counters
+        self.status = StatusBoard(
+            self.state, self.supervisor, self.events, cfg, stats_endpoint=lambda: self.receiver.endpoint
+        )
+        self._http: HTTPService | None = None
         self._lock = threading.Lock()
         self._started = False
         self._listening = False
@@ -70,6 +76,7 @@ class Agent:
         if self.recorder is not None:
             self.recorder.record(msg, received_at)
         self.supervisor.observe(msg, result.series)
+        self.status.observe()
 
     @property
     def stats_endpoint(self) -> str:
@@ -85,9 +92,9 @@ class Agent:
 
     @property
     def metrics_port(self) -> int:
-        if self._server is None:
+        if self._http is None:
             raise RuntimeError("agent not started")
-        return int(self._server.server_port)
+        return self._http.port
 
     @property
     def metrics_url(self) -> str:
@@ -106,8 +113,8 @@ class Agent:
             and not self._stopped
             and self.receiver.alive
             and (self.commands is None or self.commands.alive)
-            and self._server_thread is not None
-            and self._server_thread.is_alive()
+            and self._http is not None
+            and self._http.alive
         )
 
     def start(self) -> Agent:
@@ -121,7 +128,7 @@ class Agent:
         try:
             try:
                 self.receiver.bind()
-            except zmq.ZMQError as exc:
+            except (zmq.ZMQError, OSError, ValueError) as exc:
                 endpoint = self.config.stats_endpoint
                 raise AgentStartError(f"cannot bind stats endpoint {endpoint}: {exc}") from exc
             if self.commands is not None:
@@ -132,9 +139,10 @@ class Agent:
                     raise AgentStartError(f"cannot bind command endpoint {endpoint}: {exc}") from exc
             m = self.config.metrics
             try:
-                self._server, self._server_thread = start_http_server(
-                    m.port, addr=m.host, registry=self.registry, certfile=m.certfile, keyfile=m.keyfile
-                )
+                app = make_app(self.registry, self.status.status, render_page)
+                self._http = HTTPService(
+                    m.host, m.port, app, certfile=m.certfile, keyfile=m.keyfile, client_cafile=m.client_cafile
+                ).start()
             except (OSError, ValueError) as exc:
                 raise AgentStartError(f"cannot serve metrics on {m.host}:{m.port}: {exc}") from exc
             self._open_state()  # after the listeners: a busy port fails before any file is touched
@@ -146,10 +154,11 @@ class Agent:
             raise
         self._listening = True
         logger.info(
-            "sentinel agent listening: stats=%s commands=%s metrics=%s events=%s",
+            "sentinel agent listening: stats=%s commands=%s metrics=%s status page=%s events=%s",
             self.stats_endpoint,
             self.commands_endpoint or "disabled",
             self.metrics_url,
+            self.metrics_url.removesuffix("metrics"),
             self.events.path,
         )
         return self
@@ -157,10 +166,20 @@ class Agent:
     def _open_state(self) -> None:
         try:
             records = self.events.open()
+            self.status.seed_events(records)
             self.events.append({"type": "agent_start", "pid": os.getpid(), "version": __version__})
         except OSError as exc:
             raise AgentStartError(f"cannot open the event log {self.events.path}: {exc.strerror or exc}") from exc
         self.supervisor.restore(records)
+        rec = self.config.recording
+        if self.recorder is not None and rec.warm_start_max_age_seconds > 0:
+            warm_start(
+                self.state,
+                self.supervisor,
+                self.recorder.directory,
+                steps=self.config.history.steps,
+                max_age_seconds=rec.warm_start_max_age_seconds,
+            )
         if self.commands is not None:
             self.commands.restore(records)
 
@@ -176,11 +195,8 @@ class Agent:
         if self.recorder is not None:
             self.recorder.close()
         self.events.close()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._server_thread is not None:
-            self._server_thread.join(5.0)
+        if self._http is not None:
+            self._http.stop()
         if self._listening:
             logger.info("sentinel agent stopped")
 

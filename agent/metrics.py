@@ -93,6 +93,59 @@ STAT_FAMILIES: dict[str, tuple[str, str]] = {
     ),
 }
 
+MODULE_LABELS = ["run", "rank", "module"]
+
+#: probe statistics (sentinel/probes, docs/probes.md): rows are module names, exported with label ``module``
+PROBE_FAMILIES: dict[str, tuple[str, str]] = {
+    "out_rms": (
+        "sentinel_layer_output_rms",
+        "Root mean square of the output of one linear module (QKV, Proj, FC1, FC2) on the latest probed step "
+        "(activation units).",
+    ),
+    "out_l2": (
+        "sentinel_layer_output_l2_norm",
+        "L2 norm of the output of one linear module over the probed micro-batch (activation units).",
+    ),
+    "attn_logit_max": (
+        "sentinel_layer_attention_logit_max",
+        "Largest attention logit q.k*scale of one attention module over sampled query positions (logit units).",
+    ),
+    "resid_std": (
+        "sentinel_layer_residual_std",
+        "Standard deviation of the residual stream at the input of one transformer block (activation units).",
+    ),
+    "log_z_max": (
+        "sentinel_layer_log_z_max",
+        "Largest log Z (log-sum-exp of the output logits) over sampled token positions of one head (nats).",
+    ),
+    "log_z_mean": (
+        "sentinel_layer_log_z_mean",
+        "Mean log Z (log-sum-exp of the output logits) over sampled token positions of one head (nats).",
+    ),
+    "embed_std": (
+        "sentinel_layer_embedding_std",
+        "Standard deviation of the output of one embedding module (activation units).",
+    ),
+    "norm_in_std": (
+        "sentinel_layer_norm_input_std",
+        "Standard deviation of the input of one normalisation module (activation units).",
+    ),
+    "ffn_grad_bound": (
+        "sentinel_layer_ffn_grad_norm_bound",
+        "Takase et al.'s eq. 15 upper bound of the FFN sub-layer's gradient norm for one block (dimensionless).",
+    ),
+    "attn_grad_bound": (
+        "sentinel_layer_attention_grad_norm_bound",
+        "Takase et al.'s eq. 20 upper bound of the attention sub-layer's gradient norm for one block "
+        "(dimensionless; J_Z estimated as in docs/probes.md).",
+    ),
+}
+HEAD_LOGIT_FAMILY = (
+    "sentinel_layer_attention_head_logit_max",
+    "Largest attention logit of one of the top-k heads of one attention module, by head index (logit units).",
+)
+_TOP_HEAD = re.compile(r"^attn_logit_top(\d+)(_head)?$")
+
 # promtool's lint rules (client_golang promlint) that a generated name could break.
 _UNIT_ABBREVIATIONS = ("s", "ms", "us", "ns", "sec", "b", "kb", "mb", "gb", "tb", "pb", "m", "h", "d")
 _TYPE_NAMES = ("counter", "gauge", "histogram", "summary", "gauge_histogram")
@@ -228,6 +281,8 @@ def _merged_columns(s: SeriesSnapshot, max_stats: int) -> dict[str, tuple[list[s
     out: dict[str, tuple[list[str], list[np.ndarray]]] = {}
     for m in s.matrices:
         for si, stat in enumerate(m.stats):
+            if _TOP_HEAD.match(stat):
+                continue  # exported by _head_logits
             if stat not in out:
                 if len(out) >= max_stats:
                     continue
@@ -235,6 +290,27 @@ def _merged_columns(s: SeriesSnapshot, max_stats: int) -> dict[str, tuple[list[s
             out[stat][0].extend(m.tensors)
             out[stat][1].append(m.matrix[:, si])
     return {stat: (names, np.concatenate(cols)) for stat, (names, cols) in out.items()}
+
+
+def _head_logits(s: SeriesSnapshot, family: GaugeMetricFamily) -> None:
+    """``attn_logit_top<i>`` / ``attn_logit_top<i>_head`` pairs of the probe matrices as one series per head."""
+    lv = [s.run, str(s.rank)]
+    for m in s.matrices:
+        index = {stat: i for i, stat in enumerate(m.stats)}
+        seen: set[tuple[str, str]] = set()
+        for stat, vi in index.items():
+            match = _TOP_HEAD.match(stat)
+            hi = index.get(stat + "_head")
+            if match is None or match.group(2) or hi is None:
+                continue
+            for r, module in enumerate(m.tensors):
+                head = m.matrix[r, hi]
+                if not np.isfinite(head):
+                    continue
+                key = (module, str(int(head)))
+                if key not in seen:
+                    seen.add(key)
+                    family.add_metric([*lv, *key], float(m.matrix[r, vi]))
 
 
 def _counter_by(
@@ -273,6 +349,11 @@ class AgentCollector(Collector):
             name: GaugeMetricFamily(name, doc, labels=PARAM_LABELS) for name, doc in STAT_FAMILIES.values()
         }
         owner = {name: stat for stat, (name, _) in STAT_FAMILIES.items()}
+        probe_fams = {
+            stat: GaugeMetricFamily(name, doc, labels=MODULE_LABELS) for stat, (name, doc) in PROBE_FAMILIES.items()
+        }
+        owner.update({name: stat for stat, (name, _) in PROBE_FAMILIES.items()})
+        head_fam = GaugeMetricFamily(*HEAD_LOGIT_FAMILY, labels=[*MODULE_LABELS, "head"])
         for s in snap.series:
             lv = [s.run, str(s.rank)]
             fams["step"].add_metric(lv, s.step)
@@ -285,7 +366,12 @@ class AgentCollector(Collector):
                     fams[name].add_metric(lv, value)
                 else:
                     fams["observed"].add_metric([*lv, name], value)
+            _head_logits(s, head_fam)
             for stat, (names, column) in _merged_columns(s, self.max_stats).items():
+                if stat in probe_fams:
+                    for ti in top_k(column, self.max_tensors).tolist():
+                        probe_fams[stat].add_metric([*lv, names[ti]], float(column[ti]))
+                    continue
                 fam_name = stat_family_name(stat)
                 if owner.setdefault(fam_name, stat) != stat:
                     continue  # another statistic already exports under this sanitised name
@@ -301,6 +387,8 @@ class AgentCollector(Collector):
                     fam.add_metric([*lv, names[ti]], float(column[ti]))
         yield from fams.values()
         yield from (stat_fams[name] for name in sorted(stat_fams))
+        yield from probe_fams.values()
+        yield head_fam
         yield from self._agent_families(snap)
         if self.supervisor is not None:
             yield from self._supervisor_families()

@@ -265,6 +265,16 @@ class Risk:
 # -- spike detectors -----------------------------------------------------------------------------
 
 
+def _median(values: np.ndarray) -> float:
+    """``float(np.median(values))`` of a non-empty 1-D array of finite values, bitwise, without
+    np.median's per-call overhead (it runs several times per message)."""
+    h = len(values) // 2
+    if len(values) % 2:
+        return 0.0 + float(np.partition(values, h)[h])  # 0.0 + x: np.mean's sum turns -0.0 into 0.0
+    part = np.partition(values, (h - 1, h))
+    return float((0.0 + part[h - 1] + part[h]) / 2.0)
+
+
 class SpikeDetector:
     """Robust z-score of one scalar against a window that outliers never enter."""
 
@@ -285,8 +295,8 @@ class SpikeDetector:
         if len(self.window) < min(self.cfg.warmup, self.cfg.window):
             return None
         values = np.fromiter((v for _, v in self.window), dtype=np.float64, count=len(self.window))
-        centre = float(np.median(values))
-        return centre, MAD_TO_SIGMA * float(np.median(np.abs(values - centre))), len(values)
+        centre = _median(values)
+        return centre, MAD_TO_SIGMA * _median(np.abs(values - centre)), len(values)
 
     def _accept(self, step: int, value: float) -> None:
         self.window.append((step, value))
@@ -391,15 +401,26 @@ def fit_lines(
     Returns (slope, fitted value at x[-1], R², points used, t-statistic of the slope), each of
     shape (n,); t = slope / standard error = sqrt(R² (n - 2) / (1 - R²)), inf for a perfect line.
     """
-    w = ok.astype(np.float64)
-    y = np.where(ok, y, 0.0)
-    n = w.sum(axis=0)
-    safe_n = np.maximum(n, 1.0)
     xx = x.astype(np.float64)[:, None]
-    xm = (w * xx).sum(axis=0) / safe_n
-    ym = (w * y).sum(axis=0) / safe_n
-    dx, dy = (xx - xm) * w, (y - ym) * w
-    sxx, sxy, syy = (dx * dx).sum(axis=0), (dx * dy).sum(axis=0), (dy * dy).sum(axis=0)
+    if ok.all():  # every cell usable: the same sums without the weights (x 1.0 is exact), far fewer temporaries
+        m, cols = y.shape
+        n = np.full(cols, float(m))
+        safe_n = np.maximum(n, 1.0)
+        xm = np.broadcast_to(xx, y.shape).sum(axis=0) / safe_n
+        ym = y.sum(axis=0) / safe_n
+        dx1 = xx - xm[:1]
+        dy = y - ym
+        sxx = np.broadcast_to(dx1 * dx1, y.shape).sum(axis=0)
+        sxy, syy = (dx1 * dy).sum(axis=0), (dy * dy).sum(axis=0)
+    else:
+        w = ok.astype(np.float64)
+        y = np.where(ok, y, 0.0)
+        n = w.sum(axis=0)
+        safe_n = np.maximum(n, 1.0)
+        xm = (w * xx).sum(axis=0) / safe_n
+        ym = (w * y).sum(axis=0) / safe_n
+        dx, dy = (xx - xm) * w, (y - ym) * w
+        sxx, sxy, syy = (dx * dx).sum(axis=0), (dx * dy).sum(axis=0), (dy * dy).sum(axis=0)
     slope = np.where(sxx > 0, sxy / np.where(sxx > 0, sxx, 1.0), 0.0)
     at_last = ym + slope * (float(x[-1]) - xm)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -416,6 +437,38 @@ def _current_segment(steps: np.ndarray, min_step: int) -> slice:
     start = int(drops[-1]) + 1 if len(drops) else 0
     start = max(start, int(np.searchsorted(steps[start:], min_step)) + start)
     return slice(start, len(steps))
+
+
+class LogRows:
+    """``np.log`` of a window, reusing the rows of the previous window that are unchanged.
+
+    Consecutive windows of a trend share all but their newest row, so logging the whole
+    window on every message (50 x 1,000 values for a large model) repeats work; a row is
+    reused only when its step and every input value are bitwise the same as before, so
+    the result is exactly ``np.log(x)`` (the logarithm works value by value).
+    """
+
+    def __init__(self) -> None:
+        self._steps: np.ndarray | None = None
+        self._x = self._y = np.zeros((0, 0))
+
+    def __call__(self, steps: np.ndarray, x: np.ndarray) -> np.ndarray:
+        prev = self._steps
+        done = 0
+        y = np.empty_like(x, dtype=np.float64)
+        if prev is not None and len(prev) and len(steps) and self._x.shape[1:] == x.shape[1:]:
+            k = int(np.searchsorted(prev, steps[0]))
+            length = min(len(prev) - k, len(steps))
+            if (
+                length > 0
+                and np.array_equal(prev[k : k + length], steps[:length])
+                and np.array_equal(self._x[k : k + length], x[:length])
+            ):
+                y[:length] = self._y[k : k + length]
+                done = length
+        y[done:] = np.log(x[done:])
+        self._steps, self._x, self._y = steps, x, y
+        return y
 
 
 class Baselines:
@@ -455,6 +508,9 @@ class TrendPredictors:
         self.baselines = Baselines(cfg.trend.baseline_points)
         self._baseline_seen: dict[tuple[str, str], int] = {}
         self._spread: deque[tuple[int, float, str]] = deque(maxlen=max(cfg.trend.window, cfg.trend.baseline_points))
+        self._logs = {name: LogRows() for name in ("attn_logit", "out_rms", "update_ratio", "adam_eps")}
+        self._excluded_key: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+        self._excluded_mask = np.zeros(0, dtype=bool)
 
     def update(self, msg: StatsMessage, series: SeriesHistory) -> list[Forecast]:
         c = self.cfg
@@ -510,6 +566,28 @@ class TrendPredictors:
     def _fit_ok(self, t: float, n: float) -> bool:
         return n >= self.cfg.trend.min_points and t >= self.cfg.trend.min_t
 
+    def _candidates(
+        self,
+        last_ok: np.ndarray,
+        crossed: np.ndarray,
+        slope: np.ndarray,
+        gap: np.ndarray,
+        n: np.ndarray,
+        t: np.ndarray,
+        also: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Rows that may give a forecast: usable now and past the limit, or with a fitted ETA
+        (``gap / slope``) within ``max_eta_steps`` (or ``also``).  The per-row checks that follow
+        decide; this only spares a Python loop over the (many) quiet rows of a large model."""
+        tr = self.cfg.trend
+        fitted = (slope > 0) & (n >= tr.min_points) & (t >= tr.min_t)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            eta = gap / np.where(fitted, slope, 1.0)
+        keep = crossed | (fitted & np.isfinite(eta) & (eta <= tr.max_eta_steps))
+        if also is not None:
+            keep |= also
+        return np.flatnonzero(last_ok & keep)
+
     def _baseline(self, predictor: str, layer: str, steps: np.ndarray, values: np.ndarray) -> float | None:
         """Early baseline of a row from the values not yet offered (each step offered once)."""
         key = (predictor, layer)
@@ -541,10 +619,7 @@ class TrendPredictors:
         slope, at_last, r2, n, t = fit_lines(w.steps, y, ok)
         span = float(w.steps[-1] - w.steps[0]) if len(w.steps) > 1 else 0.0
         out = []
-        last_ok = ok[-1]
-        for r in range(y.shape[1]):
-            if not last_ok[r]:
-                continue
+        for r in self._candidates(ok[-1], y[-1] >= limit_log, slope, (limit_log - at_last), n, t).tolist():
             crossed = bool(y[-1, r] >= limit_log[r])
             eta = None
             if not crossed and slope[r] > 0 and self._fit_ok(t[r], n[r]):
@@ -577,7 +652,7 @@ class TrendPredictors:
         out = []
         for w in self._windows(series, "attn_logit_max", msg):
             ok = np.isfinite(w.values) & (w.values > 0)
-            y = np.log(np.where(ok, w.values, 1.0))
+            y = self._logs["attn_logit"](w.steps, np.where(ok, w.values, 1.0))
             lim = np.full(y.shape[1], math.log(limit))
 
             def describe(r, growth, span, eta, crossed, w=w):
@@ -602,7 +677,7 @@ class TrendPredictors:
                 [self._baseline("out_rms", t, w.steps, w.values[:, r]) or np.nan for r, t in enumerate(w.tensors)]
             )
             ok = np.isfinite(w.values) & (w.values > 0) & np.isfinite(base)[None, :] & (base > 0)[None, :]
-            y = np.log(np.where(ok, w.values / np.where(base > 0, base, 1.0)[None, :], 1.0))
+            y = self._logs["out_rms"](w.steps, np.where(ok, w.values / np.where(base > 0, base, 1.0)[None, :], 1.0))
             lim = np.full(y.shape[1], math.log(grow))
 
             def describe(r, growth, span, eta, crossed, w=w, base=base):
@@ -624,8 +699,17 @@ class TrendPredictors:
         return lr if np.isfinite(lr[-1]) and lr[-1] > 0 else None
 
     def _excluded(self, tensors: tuple[str, ...]) -> np.ndarray:
-        pats = self.cfg.update_ratio.exclude
-        return np.array([any(p in t for p in pats) for t in tensors], dtype=bool)
+        """Rows matching ``update_ratio.exclude``; cached for the latest layout (one string scan per
+        row and pattern is the dearest part of a 1,000-tensor message otherwise).  Read-only."""
+        pats = tuple(self.cfg.update_ratio.exclude)
+        key = self._excluded_key
+        if key is None or key[0] is not tensors or key[1] != pats:
+            if key is None or key[1] != pats or key[0] != tensors:
+                mask = np.array([any(p in t for p in pats) for t in tensors], dtype=bool)
+                mask.flags.writeable = False
+                self._excluded_mask = mask
+            self._excluded_key = (tensors, pats)
+        return self._excluded_mask
 
     def _update_ratio(self, msg: StatsMessage, series: SeriesHistory) -> list[Forecast]:
         limit = self.cfg.update_ratio.limit
@@ -635,7 +719,7 @@ class TrendPredictors:
             scale = lr if lr is not None else np.ones(len(w.steps))
             values = w.values / np.where(np.isfinite(scale) & (scale > 0), scale, np.nan)[:, None]
             ok = np.isfinite(values) & (values > 0) & ~self._excluded(w.tensors)[None, :]
-            y = np.log(np.where(ok, values, 1.0))
+            y = self._logs["update_ratio"](w.steps, np.where(ok, values, 1.0))
             lim = np.full(y.shape[1], math.log(limit / scale[-1]))
 
             def describe(r, growth, span, eta, crossed, w=w):
@@ -658,12 +742,12 @@ class TrendPredictors:
         keep = np.isfinite(col) & (col > 0) & ~self._excluded(msg.layout.tensors)
         if keep.sum() < 4:
             return []
-        vals = col[keep]
-        names = [t for t, k in zip(msg.layout.tensors, keep) if k]
+        rows = np.flatnonzero(keep)
+        vals = col[rows]
         spread = float(vals.max() / np.median(vals))
         if self._spread and msg.step <= self._spread[-1][0]:
             self._spread.clear()  # a rollback: start the current timeline's window afresh
-        self._spread.append((msg.step, spread, names[int(vals.argmax())]))
+        self._spread.append((msg.step, spread, msg.layout.tensors[int(rows[int(vals.argmax())])]))
         base = self.baselines.update(("update_ratio_spread", ""), [spread])
         if base is None or base <= 0:
             return []
@@ -710,13 +794,13 @@ class TrendPredictors:
         out = []
         for w in self._windows(series, stat, msg):
             ok = np.isfinite(w.values) & (w.values > 0)
-            y = -np.log(np.where(ok, w.values, 1.0))  # falling value = rising -log
+            y = -self._logs["adam_eps"](w.steps, np.where(ok, w.values, 1.0))  # falling value = rising -log
             lim = np.full(y.shape[1], -math.log(eps))
             slope, at_last, r2, n, t = fit_lines(w.steps, y, ok)
             span = float(w.steps[-1] - w.steps[0]) if len(w.steps) > 1 else 0.0
-            for r in range(y.shape[1]):
-                if not ok[-1, r]:
-                    continue
+            last = w.values[-1]
+            rows = self._candidates(ok[-1], last <= eps, slope, lim - at_last, n, t, also=last <= c.margin * eps)
+            for r in rows.tolist():
                 v = float(w.values[-1, r])
                 crossed = v <= eps
                 eta = None

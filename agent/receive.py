@@ -4,6 +4,11 @@ Whatever a peer sends, the receiver counts it and carries on: a message is eithe
 or rejected with one of ``protocol.REJECT_REASONS`` and one log line.  Log lines are rate
 limited per kind, so a flood of bad messages costs a few lines a minute, not the disk.
 NaN and Inf values are accepted: they are the clearest sign of a diverging run.
+
+With ``stats_curve`` set the socket is a CURVE server and a ZAP authenticator (agent/keys.py,
+in this socket's own ZeroMQ context) admits only the trainer keys in ``authorized_dir``: a
+message from another key or from a plain client never reaches this thread.  Failed security
+handshakes (a socket monitor) and refused keys are counted and exported (``collect``).
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import zmq
+from prometheus_client.core import CounterMetricFamily, Metric
+from zmq.utils.monitor import recv_monitor_message
 
 from agent import protocol
 from agent.config import AgentConfig, bind_endpoint
 from agent.history import PushResult, SeriesKey
+from agent.keys import HANDSHAKE_EVENTS, CurveAuthenticator, load_secret
 from agent.protocol import ProtocolError, StatsMessage
 from agent.socket_thread import SocketThread
 from agent.state import AgentState
@@ -110,9 +118,17 @@ class Receiver(SocketThread):
         self.limiter = limiter or RateLimiter()
         super().__init__(context)
         self._layouts: dict[str, protocol.Layout] = {}
+        self._monitor: zmq.Socket | None = None
+        self._auth: CurveAuthenticator | None = None
+        self.handshake_failures = 0
+
+    @property
+    def refused_keys(self) -> int:
+        """CURVE client keys the authenticator refused (each a handshake that carried no message)."""
+        return self._auth.refused if self._auth is not None else 0
 
     def bind(self) -> str:
-        """Bind the socket; raises zmq.ZMQError (e.g. address in use)."""
+        """Bind the socket (a CURVE server with ``stats_curve``); raises zmq.ZMQError, OSError or ValueError."""
         endpoint = bind_endpoint(self.config.stats_endpoint)
         if self._context is None:
             self._context = zmq.Context()
@@ -123,21 +139,45 @@ class Receiver(SocketThread):
         if endpoint.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
         try:
+            curve = self.config.stats_curve
+            if curve.secret_file:
+                public, secret = load_secret(curve.secret_file)
+                self._auth = CurveAuthenticator(
+                    self._context,
+                    channel="statistics",
+                    setting="stats_curve.authorized_dir",
+                    allow_log=RateLimiter().allow,
+                ).start_for(str(curve.authorized_dir))
+                sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
+            self._monitor = sock.get_monitor_socket(sum(HANDSHAKE_EVENTS))
             sock.bind(endpoint)
-        except zmq.ZMQError:
+        except (zmq.ZMQError, OSError, ValueError):
+            self._release()
             sock.close(linger=0)
             raise
         self._sock = sock
         self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return self._endpoint
 
+    def _release(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+        if self._auth is not None:
+            self._auth.stop()
+
     def _run(self) -> None:
         assert self._sock is not None
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
             try:
-                if poller.poll(self.poll_ms):
+                ready = dict(poller.poll(self.poll_ms))
+                if self._monitor is not None and self._monitor in ready:
+                    self._drain_monitor()
+                if self._sock in ready:
                     self._drain()
                 self.limiter.flush()
             except zmq.ContextTerminated:
@@ -146,6 +186,35 @@ class Receiver(SocketThread):
                 if self.limiter.allow("receiver"):
                     logger.exception("receiver loop error; continuing")
                 time.sleep(0.1)
+
+    def _drain_monitor(self) -> None:
+        assert self._monitor is not None
+        for _ in range(100):
+            try:
+                event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            text = HANDSHAKE_EVENTS.get(event["event"])
+            if text is None:
+                continue
+            self.handshake_failures += 1
+            if self.limiter.allow("handshake"):
+                logger.warning("statistics channel: %s (code %s)", text, event.get("value"))
+
+    def collect(self) -> list[Metric]:
+        """The statistics channel's security counters, for the agent's registry."""
+        return [
+            CounterMetricFamily(
+                "sentinel_agent_stats_handshake_failures",
+                "Connections to the statistics channel that failed the security handshake (connections).",
+                value=self.handshake_failures,
+            ),
+            CounterMetricFamily(
+                "sentinel_agent_stats_refused_client_keys",
+                "CURVE client keys refused by the statistics channel's authenticator (handshakes).",
+                value=self.refused_keys,
+            ),
+        ]
 
     def _drain(self) -> None:
         """Handle the queued messages, a batch at a time.

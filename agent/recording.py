@@ -12,7 +12,11 @@ never holds more than ``max_file_bytes x max_files`` bytes of disk.  Each file s
    "layout": "<id>", "scalars": [...], "matrix": "<base64>"}``: ``scalars`` in layout order,
    with non-finite values as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``;
    ``matrix`` the tensors x stats float32 little-endian row-major bytes in base64 (``""``
-   when the layout has none), exact and compact.
+   when the layout has none), exact and compact;
+4. ``{"type": "risk", "run", "rank", "step", "time", "score", "predictor", "layer", "eta",
+   "explanation"}`` after a message of the run's primary rank, when the agent's risk score, its
+   source or an ETA (``eta``: steps per trend predictor) changed since the file's previous risk
+   line: the value of ``sentinel_spike_risk`` holds until the next one (run reports, docs/report.md).
 
 Lines are flushed as written (not fsynced: a recording is evidence, not the audit trail).  A
 write error (disk full) is logged and counted; the agent goes on without the recording.
@@ -49,8 +53,11 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 def file_stem(run: str) -> str:
     """``stats-<run>`` with characters other than letters, digits, ``._-`` replaced by ``_``;
-    names that had to change (or are long) get 8 hex digits of their hash appended."""
+    names that had to change (or are long) get 8 hex digits of their hash appended.  A name
+    ending in ``.<digits>`` is changed too, so that it never reads as another run's rotated
+    file (``stats-<run>.<n>.jsonl``)."""
     safe = _UNSAFE.sub("_", run)[:80].lstrip(".") or "run"
+    safe = re.sub(r"\.(\d+)$", r"_\1", safe)
     if safe != run:
         safe += "-" + hashlib.blake2b(run.encode("utf-8", "replace"), digest_size=4).hexdigest()
     return f"stats-{safe}"
@@ -62,6 +69,7 @@ class _File:
         self.f = open(path, "ab")  # noqa: SIM115 - kept open across messages, closed by close()
         self.size = self.f.tell()
         self.layouts: set[str] = set()
+        self.last_risk: tuple | None = None
         if self.size == 0:
             self._line(
                 {"type": "recording", "format": FORMAT, "v": RECORDING_VERSION, "run": run, "created": time.time()}
@@ -89,24 +97,36 @@ class _File:
             self._line({"type": "layout", "id": lid, "scalars": list(lay.scalars), "stats": list(lay.stats),
                         "tensors": list(lay.tensors)})  # fmt: skip
             self.layouts.add(lid)
-        matrix = base64.b64encode(np.ascontiguousarray(msg.matrix, dtype=DTYPE).tobytes()).decode()
-        self._line(
-            {
-                "type": "stats",
-                "run": msg.run,
-                "rank": msg.rank,
-                "step": msg.step,
-                "time": msg.time,
-                "received": received_at,
-                "seq": msg.seq,
-                "sent": msg.sent,
-                "dropped": msg.dropped,
-                "layout": lid,
-                "scalars": plain([float(v) for v in msg.scalars]),
-                "matrix": matrix,
-            }
-        )
+        head = {
+            "type": "stats",
+            "run": msg.run,
+            "rank": msg.rank,
+            "step": msg.step,
+            "time": msg.time,
+            "received": received_at,
+            "seq": msg.seq,
+            "sent": msg.sent,
+            "dropped": msg.dropped,
+            "layout": lid,
+            "scalars": plain([float(v) for v in msg.scalars]),
+        }
+        # The same bytes as json.dumps with "matrix" as the last key, without JSON-scanning the
+        # base64 text (the bulk of the line for a large model; base64 needs no escaping).
+        text = json.dumps(head, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        matrix = base64.b64encode(np.ascontiguousarray(msg.matrix, dtype=DTYPE).tobytes())
+        data = b"".join((text[:-1].encode(), b',"matrix":"', matrix, b'"}\n'))
+        self.f.write(data)
+        self.size += len(data)
         self.f.flush()
+
+    def write_risk(self, risk: dict) -> bool:
+        key = (risk["score"], risk.get("predictor"), risk.get("layer"), tuple(sorted(risk["eta"].items())))
+        if key == self.last_risk:
+            return False
+        self._line({"type": "risk", **plain(risk)})
+        self.f.flush()
+        self.last_risk = key
+        return True
 
     def close(self) -> None:
         self.f.close()
@@ -149,6 +169,39 @@ class StatsRecorder:
             self._drop(msg.run)
             if self.errors == 1 or self.errors % 1000 == 0:
                 logger.error("cannot record statistics of run %s: %s (%d errors so far)", msg.run, exc, self.errors)
+            return False
+
+    def record_risk(
+        self,
+        run: str,
+        rank: int,
+        step: int,
+        time_: float,
+        *,
+        score: float,
+        predictor: str | None,
+        layer: str | None,
+        eta: dict[str, float],
+        explanation: str,
+    ) -> bool:
+        """Append a ``risk`` line if anything changed since the file's last one; False if not written."""
+        risk = {"run": run, "rank": rank, "step": step, "time": time_, "score": round(float(score), 4)}
+        risk |= {"predictor": predictor, "layer": layer}
+        risk["eta"] = {k: round(float(v), 1) for k, v in sorted(eta.items()) if math.isfinite(v)}
+        if risk["score"] > 0:
+            risk["explanation"] = explanation[:300]
+        try:
+            f = self._open(run)
+            if not f.write_risk(risk):
+                return False
+            if f.size >= self.max_file_bytes:
+                self._rotate(run)
+            return True
+        except OSError as exc:
+            self.errors += 1
+            self._drop(run)
+            if self.errors == 1 or self.errors % 1000 == 0:
+                logger.error("cannot record the risk of run %s: %s (%d errors so far)", run, exc, self.errors)
             return False
 
     def _open(self, run: str) -> _File:
@@ -204,9 +257,12 @@ def _number(v: object) -> float:
     raise TypeError("not a number")
 
 
-def read_recording(paths: Iterable[str | Path], *, skipped: list[str] | None = None) -> Iterator[Recorded]:
+def read_recording(
+    paths: Iterable[str | Path], *, skipped: list[str] | None = None, risk: list[dict] | None = None
+) -> Iterator[Recorded]:
     """Messages of one or more recording files, in file order; bad lines are skipped (and
-    described in ``skipped`` when given).  Raises RecordingError for a file that is not one."""
+    described in ``skipped`` when given).  Raises RecordingError for a file that is not one.
+    ``risk``, when given, collects the ``risk`` lines (dicts as written) as they are passed."""
     for path in paths:
         layouts: dict[str, Layout] = {}
         with open(path, "rb") as f:
@@ -227,6 +283,8 @@ def read_recording(paths: Iterable[str | Path], *, skipped: list[str] | None = N
                     if rec["type"] == "layout":
                         layouts[rec["id"]] = Layout(tuple(rec["scalars"]), tuple(rec["stats"]), tuple(rec["tensors"]))
                         continue
+                    if rec["type"] == "risk" and risk is not None:
+                        risk.append(_risk_line(rec))
                     if rec["type"] != "stats":
                         continue
                     layout = layouts[rec["layout"]]
@@ -250,3 +308,20 @@ def read_recording(paths: Iterable[str | Path], *, skipped: list[str] | None = N
                 except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
                     if skipped is not None:
                         skipped.append(f"{path}:{number}: {type(exc).__name__}: {exc}"[:300])
+
+
+def _risk_line(rec: dict) -> dict:
+    eta = rec.get("eta") or {}
+    if not isinstance(eta, dict):
+        raise TypeError("eta is not an object")
+    return {
+        "run": str(rec["run"]),
+        "rank": int(rec.get("rank", 0)),
+        "step": int(rec["step"]),
+        "time": _number(rec.get("time", math.nan)),
+        "score": _number(rec["score"]),
+        "predictor": rec.get("predictor"),
+        "layer": rec.get("layer"),
+        "eta": {str(k): _number(v) for k, v in eta.items()},
+        "explanation": str(rec.get("explanation", "")),
+    }

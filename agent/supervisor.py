@@ -26,6 +26,7 @@ from agent.history import SeriesHistory
 from agent.policy import SUPPRESS_REASONS, Decision, Policy
 from agent.predict import Detection, Forecast, Risk, SeriesPredictor
 from agent.protocol import StatsMessage
+from agent.recording import StatsRecorder
 
 logger = logging.getLogger("sentinel.agent")
 
@@ -81,6 +82,7 @@ class Supervisor:
         self._event_log_errors = 0
         self._lock = threading.Lock()
         self.on_decision: Callable[[Decision], None] | None = None
+        self.recorder: StatsRecorder | None = None  # set by the agent: risk lines for run reports
 
     def restore(self, records: list[dict]) -> None:
         """Read back an events file so that no decision is taken twice."""
@@ -106,8 +108,12 @@ class Supervisor:
     def wants(self, msg: StatsMessage) -> bool:
         return self.config.predict.enabled and (self.config.predict.ranks == "all" or msg.rank == 0)
 
-    def observe(self, msg: StatsMessage, series: SeriesHistory) -> list[Decision]:
-        """Run the predictors on one message (already in ``series``) and act on what they find."""
+    def observe(self, msg: StatsMessage, series: SeriesHistory, *, act: bool = True) -> list[Decision]:
+        """Run the predictors on one message (already in ``series``) and act on what they find.
+
+        ``act=False`` only brings the predictors' state up to date (warm start from the
+        recordings, agent/warm.py): nothing is counted, logged, written or sent.
+        """
         if not self.wants(msg):
             return []
         with self._lock:
@@ -121,17 +127,33 @@ class Supervisor:
             rewind = None
             if last is not None and msg.step < last:
                 pred.rewind(msg.step)
-                if msg.rank == r.primary:
+                if act and msg.rank == r.primary:
                     rewind = self.policy.rewind(msg.run, last, msg.step)
             r.last_step[msg.rank] = msg.step
             detections = pred.observe(msg, series)
+            if not act:
+                return []
             for d in detections:
                 key = (d.detector, d.severity)
                 r.detections[key] = r.detections.get(key, 0) + 1
         if rewind is not None:
             logger.info("run %s went back from step %d to %d (timeline %d)", msg.run, last, msg.step, rewind["epoch"])
             self._write(rewind)
-        return [d for d in (self._act(det) for det in detections) if d is not None]
+        decisions = [d for d in (self._act(det) for det in detections) if d is not None]
+        if self.recorder is not None and msg.rank == r.primary:
+            self._record_risk(msg, r)
+        return decisions
+
+    def _record_risk(self, msg: StatsMessage, r: _Run) -> None:
+        """The run's risk and ETAs after this message, into its recording (for run reports)."""
+        with self._lock:
+            status = self._status(msg.run, r)
+        if status is not None and self.recorder is not None:
+            risk = status.risk
+            self.recorder.record_risk(
+                msg.run, msg.rank, msg.step, self.clock(), score=risk.score, predictor=risk.predictor,
+                layer=risk.layer, eta=status.etas, explanation=risk.explanation,
+            )  # fmt: skip
 
     def _act(self, det: Detection) -> Decision | None:
         log = logger.warning if det.severity == "critical" else logger.info
@@ -170,25 +192,32 @@ class Supervisor:
             logger.error("cannot write the event log %s (%s); decision not taken", self.events.path, exc)
             return False
 
+    @staticmethod
+    def _status(name: str, r: _Run) -> RunStatus | None:
+        """Risk (the largest of the ranks'), smallest ETA and riskiest forecast per predictor; under the lock."""
+        preds = list(r.predictors.values())
+        if not preds:
+            return None
+        risk = max((p.risk() for p in preds), key=lambda x: x.score)
+        etas: dict[str, float] = {}
+        top: dict[str, Forecast] = {}
+        for p in preds:
+            for k, v in p.etas().items():
+                etas[k] = min(etas.get(k, v), v)
+            for k, f in p.top_forecasts().items():
+                if k not in top or f.risk > top[k].risk:
+                    top[k] = f
+        step = max(r.last_step.values()) if r.last_step else -1
+        return RunStatus(name, step, risk, etas, top)
+
     def snapshot(self) -> SupervisorSnapshot:
         with self._lock:
             runs, detections = [], {}
             for name, r in self._runs.items():
-                preds = list(r.predictors.values())
-                if not preds:
+                status = self._status(name, r)
+                if status is None:
                     continue
-                risks = [p.risk() for p in preds]
-                risk = max(risks, key=lambda x: x.score)
-                etas: dict[str, float] = {}
-                top: dict[str, Forecast] = {}
-                for p in preds:
-                    for k, v in p.etas().items():
-                        etas[k] = min(etas.get(k, v), v)
-                    for k, f in p.top_forecasts().items():
-                        if k not in top or f.risk > top[k].risk:
-                            top[k] = f
-                step = max(r.last_step.values()) if r.last_step else -1
-                runs.append(RunStatus(name, step, risk, etas, top))
+                runs.append(status)
                 for (det, sev), n in r.detections.items():
                     detections[(name, det, sev)] = n
             return SupervisorSnapshot(

@@ -11,7 +11,13 @@ rounds.  Variants:
 Prints median step time, its ratio to plain and peak RSS; the last line is
 ``optim_step_ratio=<all/plain>``.
 
-    python benchmarks/optim_step.py [--rounds 2] [--steps 6] [--threads 2]
+``--in-process`` is for a busy machine: every variant lives in one process on its own copy of
+the model, and the variants step back to back on the same gradients, in alternating order,
+so they share the machine's load.  It reports wall and process-CPU time per step, the median
+of the per-round ratios to plain (paired, so load that changes between rounds cancels), and
+no peak memory.
+
+    python benchmarks/optim_step.py [--rounds 2] [--steps 6] [--threads 2] [--in-process]
 """
 
 from __future__ import annotations
@@ -79,13 +85,74 @@ def child(variant: str, steps: int, threads: int) -> None:
         sn.close()
 
 
+def _model_and_optimizer(torch, variant: str, base):
+    import copy
+
+    import sentinel
+
+    model = copy.deepcopy(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    sn = None
+    if VARIANTS[variant] is not None:
+        sn = sentinel.attach(
+            model,
+            opt,
+            publish={"enabled": False},
+            stats={"enabled": False},
+            optim=VARIANTS[variant],
+            log_level="warning",
+        )
+    return model, opt, sn
+
+
+def in_process(steps: int, threads: int) -> None:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from examples.tiny_gpt import GPT, GPTConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(n_layer=8, n_head=12, n_embd=768, block_size=128))
+    runs = {v: _model_and_optimizer(torch, v, base) for v in VARIANTS}
+    grads = [torch.randn_like(p) * 1e-3 for p in base.parameters()]
+    wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(steps + 1):
+        for v in list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS)):
+            model, opt, _ = runs[v]
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            c, t = time.process_time(), time.perf_counter()
+            opt.step()
+            if r:
+                wall[v].append(time.perf_counter() - t)
+                cpu[v].append(time.process_time() - c)
+    print(f"in one process, {steps} interleaved steps, {threads} threads, CPU")
+    print(f"\n{'variant':<9} {'wall med':>9} {'paired':>7} {'CPU med':>9} {'paired':>7}")
+    for v in VARIANTS:
+        pw = statistics.median(a / b for a, b in zip(wall[v], wall["plain"]))
+        pc = statistics.median(a / b for a, b in zip(cpu[v], cpu["plain"]))
+        print(
+            f"{v:<9} {statistics.median(wall[v]) * 1e3:>6.0f} ms {pw:>7.3f} {statistics.median(cpu[v]) * 1e3:>6.0f} ms {pc:>7.3f}"
+        )
+    print(f"\noptim_step_ratio={statistics.median(a / b for a, b in zip(wall['all'], wall['plain'])):.3f}")
+    for _, _, sn in runs.values():
+        if sn is not None:
+            sn.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--in-process", action="store_true", help="all variants in one process, steps interleaved")
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.in_process:
+        in_process(args.steps * args.rounds, args.threads)
+        return
     if args.child:
         child(args.child, args.steps, args.threads)
         return

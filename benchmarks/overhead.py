@@ -6,10 +6,17 @@ machine noise hits all of them alike:
   sentinel  sentinel attached, statistics every step, publishing to a live agent process;
   callback  what callback-based monitors do today: copy the parameters before the step, then
             per parameter grad/param/update ``.norm().item()`` after it (one host sync each).
+With ``--probes K`` a fourth variant joins them:
+  probes    as sentinel, plus every forward probe (docs/probes.md) every K steps;
+it prints ``probes_ratio=<probes/bare>`` and ``probes_vs_sentinel=<probes/sentinel>``, both
+from mean step times: the probes work on one step in K, which a median would hide.  It also
+times forward+backward alone, interleaved with and without the probes armed (the minimum of
+each, the figure least disturbed by other load), and counts the hooks left on unsampled steps:
+``probe_step_ratio=<sampled/plain>``, ``probe_amortized_ratio=<1 + (sampled/plain - 1) / K>``.
 Prints the median step time of each and its ratio to bare; the last line is
 ``overhead_ratio=<sentinel/bare>``.
 
-    python benchmarks/overhead.py [--rounds 6] [--steps 25] [--threads 2]
+    python benchmarks/overhead.py [--rounds 6] [--steps 25] [--threads 2] [--probes 10]
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ class CallbackMonitor:
 
 
 class Variant:
-    def __init__(self, name: str, tc: TrainConfig, endpoint: str):
+    def __init__(self, name: str, tc: TrainConfig, endpoint: str, probes_every: int = 10):
         self.name = name
         self.model, self.optimizer, self.schedule, loader = make_run(tc, GPTConfig())
         self.batches = iter(loader)
@@ -57,6 +64,14 @@ class Variant:
         self.cb = None
         if name == "sentinel":
             self.sn = sentinel.attach(self.model, self.optimizer, run="overhead", publish={"endpoint": endpoint})
+        elif name == "probes":
+            self.sn = sentinel.attach(
+                self.model,
+                self.optimizer,
+                run="overhead-probes",
+                publish={"endpoint": endpoint},
+                probes={"enabled": True, "every": probes_every},
+            )
         elif name == "callback":
             self.cb = CallbackMonitor(self.model)
 
@@ -79,12 +94,43 @@ class Variant:
                 self.times.append(time.perf_counter() - start)
 
 
+def probe_step_cost(every: int, reps: int = 20) -> tuple[float, int]:
+    """(sampled-step forward+backward time / plain, hooks registered on an unsampled step)."""
+    from sentinel.probes import Probes
+    from sentinel.roles import assign_roles
+
+    tc = TrainConfig(steps=1, batch_size=24)
+    model, _, _, loader = make_run(tc, GPTConfig())
+    x, y = next(iter(loader))
+    probes = Probes(model, assign_roles(model), every=every)
+
+    def timed(step: int) -> float:
+        probes.begin_step(step)
+        start = time.perf_counter()
+        model(x, y)[1].backward()
+        probes.collect()
+        return time.perf_counter() - start
+
+    plain, sampled = [], []
+    for _ in range(3):
+        timed(1), timed(0)
+    for _ in range(reps):
+        plain.append(timed(1))
+        sampled.append(timed(0))
+    probes.begin_step(1)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return min(sampled) / min(plain), hooks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=25, help="steps per variant per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=24)
+    parser.add_argument(
+        "--probes", type=int, default=0, metavar="K", help="also time sentinel with every probe on every K steps"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -96,28 +142,44 @@ def main() -> None:
         f"batch {tc.batch_size}, {n_params / 1e6:.2f}M parameters, AdamW, {args.threads} threads"
     )
     with AgentProcess() as agent:
-        variants = [Variant(name, tc, agent.stats_endpoint) for name in ("bare", "sentinel", "callback")]
+        names = ("bare", "sentinel", "callback") + (("probes",) if args.probes else ())
+        variants = [Variant(name, tc, agent.stats_endpoint, args.probes) for name in names]
+        n = len(variants)
         for r in range(args.rounds):
-            for v in variants[r % 3 :] + variants[: r % 3]:
+            for v in variants[r % n :] + variants[: r % n]:
                 v.run(args.steps)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         sn = variants[1].sn
         counters = sn.counters
-        sn.close()
+        for v in variants:
+            if v.sn is not None:
+                v.sn.close()
         received = agent.metrics_text()
 
     bare = statistics.median(variants[0].times)
-    print(f"\n{'variant':<10} {'median step':>12} {'ratio':>7}")
-    ratios = {}
+    bare_mean = statistics.fmean(variants[0].times)
+    print(f"\n{'variant':<10} {'median step':>12} {'ratio':>7} {'mean step':>12} {'ratio':>7}")
+    ratios, mean_ratios = {}, {}
     for v in variants:
-        med = statistics.median(v.times)
-        ratios[v.name] = med / bare
-        print(f"{v.name:<10} {med * 1e3:>9.1f} ms {ratios[v.name]:>7.3f}")
+        med, mean = statistics.median(v.times), statistics.fmean(v.times)
+        ratios[v.name], mean_ratios[v.name] = med / bare, mean / bare_mean
+        print(
+            f"{v.name:<10} {med * 1e3:>9.1f} ms {ratios[v.name]:>7.3f} {mean * 1e3:>9.1f} ms {mean_ratios[v.name]:>7.3f}"
+        )
     print(
         f"\nsentinel published {counters['sent']} messages, dropped {counters['dropped']}, errors {counters['errors']}"
     )
     assert "sentinel_loss" in received, "the agent never exported the run's loss"
     print(f"callback_ratio={ratios['callback']:.3f}")
+    if args.probes:
+        assert "sentinel_layer_attention_logit_max" in received, "the agent never exported the probe statistics"
+        print(f"probes_ratio={mean_ratios['probes']:.3f}")
+        print(f"probes_vs_sentinel={mean_ratios['probes'] / mean_ratios['sentinel']:.3f}")
+        step_ratio, hooks = probe_step_cost(args.probes)
+        assert hooks == 0, f"{hooks} hooks registered on an unsampled step"
+        print(f"hooks_on_unsampled_steps={hooks}")
+        print(f"probe_step_ratio={step_ratio:.3f}")
+        print(f"probe_amortized_ratio={1 + (step_ratio - 1) / args.probes:.4f}")
     print(f"overhead_ratio={ratios['sentinel']:.3f}")
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sentinel
+from sentinel import stabilise
 
 # ---------------------------------------------------------------- data: bytes of *.py files
 
@@ -84,12 +85,17 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
+    init: str = "gpt2"  # or "small_scaled": N(0, 2/(5d)), W_o and W_down / sqrt(2N) (Takase's Vanilla)
+    scaled_embed: bool = False  # stabilisers: sentinel/stabilise.py says which paper each comes from
+    embed_ln: bool = False
+    qk_norm: bool = False
+    softcap: float | None = None
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.qk_norm, self.softcap = cfg.n_head, cfg.qk_norm, cfg.softcap
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
@@ -97,7 +103,10 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.qk_norm or self.softcap:
+            y = stabilise.attention(q, k, v, qk_normalise=self.qk_norm, cap=self.softcap)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -131,16 +140,29 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        for name, p in self.named_parameters():  # GPT-2 init; residual projections scaled by 1/sqrt(2N)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init (std 0.02) or Takase's Vanilla (std sqrt(2/(5d))); residual projections / sqrt(2N)."""
+        cfg = self.cfg
+        base = 0.02 if cfg.init == "gpt2" else math.sqrt(2 / (5 * cfg.n_embd))
+        for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
-                nn.init.normal_(p, 0.0, std)
+                p.normal_(0.0, base / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else base)
             elif name.endswith("bias"):
-                nn.init.zeros_(p)
+                p.zero_()
+            else:
+                p.fill_(1.0)  # LayerNorm gains
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
+        tok = self.wte(idx)
+        if self.cfg.scaled_embed:
+            tok = tok * math.sqrt(self.cfg.n_embd)
+        elif self.cfg.embed_ln:
+            tok = F.layer_norm(tok, tok.shape[-1:])
+        x = tok + self.wpe(pos)
         for block in self.h:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
@@ -151,6 +173,32 @@ class GPT(nn.Module):
 def model() -> GPT:
     """The demo model with default sizes: `sentinel audit examples/tiny_gpt.py:model`."""
     return GPT(GPTConfig())
+
+
+def takase_1p7b(method: str = "vanilla") -> GPT:
+    """Takase et al.'s 1.7B configuration (papers/000 Table 4: N=24, d=2304, d_ffn=4d, 24 heads,
+    GPT-2 vocabulary) with method 'vanilla', 'scaled_embed' or 'embed_ln' (§5)."""
+    cfg = GPTConfig(vocab_size=50257, block_size=2048, n_layer=24, n_head=24, n_embd=2304, init="small_scaled")
+    cfg.scaled_embed, cfg.embed_ln = method == "scaled_embed", method == "embed_ln"
+    with torch.device("meta"):  # one initialisation pass, not nn.Linear's and then ours
+        gpt = GPT(cfg)
+    if torch.get_default_device().type != "meta":  # `sentinel audit` without --no-meta wants shapes only
+        gpt.to_empty(device=torch.get_default_device())
+        gpt.init_weights()
+    return gpt
+
+
+def takase_vanilla() -> GPT:
+    """`sentinel audit sentinel.examples.tiny_gpt:takase_vanilla --no-meta` (and the two below)."""
+    return takase_1p7b("vanilla")
+
+
+def takase_scaled_embed() -> GPT:
+    return takase_1p7b("scaled_embed")
+
+
+def takase_embed_ln() -> GPT:
+    return takase_1p7b("embed_ln")
 
 
 # ---------------------------------------------------------------- training

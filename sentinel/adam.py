@@ -8,7 +8,8 @@ D = √v + ε·√b2, the step that produced W_new was
 
 (v is ``max_exp_avg_sq`` under amsgrad).  Work is done in chunks of at most
 ``chunk_elements`` elements, so scratch memory is bounded, and with batched (foreach) ops.
-Step counters on the device (fused/capturable Adam) stay there: no host sync.
+Step counters on the device (fused/capturable Adam) stay there: no host sync.  With sharded
+(DTensor) parameters the chunks hold this rank's shards: the state is sharded like the parameter.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from sentinel.collectives import local
 
 
 def is_adam(optimizer: torch.optim.Optimizer) -> bool:
@@ -92,7 +95,7 @@ def adam_chunks(
     chunk_elements: int,
     host_steps: bool | None = None,
 ) -> Iterator[AdamChunk]:
-    """Chunks of the parameters in ``indices`` that have Adam state, one param group at a time."""
+    """Chunks of the parameters in ``indices`` that have Adam state, one param group at a time (local shards)."""
     state = optimizer.state
     by_group: dict[int, list[int]] = {}
     for i in indices:
@@ -111,9 +114,9 @@ def adam_chunks(
             b1, b2 = _bias_corrections(steps, beta1, beta2, on_host)
             yield AdamChunk(
                 index=chunk,
-                params=[params[i] for i in chunk],
-                exp_avg=[s["exp_avg"] for s in st],
-                v=[s[v_key] for s in st],
+                params=[local(params[i]) for i in chunk],
+                exp_avg=[local(s["exp_avg"]) for s in st],
+                v=[local(s[v_key]) for s in st],
                 b1=b1,
                 root_b2=[math.sqrt(b) if isinstance(b, float) else b.sqrt() for b in b2],
                 eps=eps,

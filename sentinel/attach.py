@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from agent.protocol import Layout
+from sentinel import stabilise
 from sentinel.adam import is_adam
 from sentinel.checkpoint import CheckpointManager
 from sentinel.config import Config, load_config
@@ -27,8 +28,11 @@ from sentinel.control import Control
 from sentinel.data import BatchPosition
 from sentinel.optim import Chain, Guard, StepContext, optimizer_params
 from sentinel.optim import build as build_transforms
+from sentinel.probes import Probes
 from sentinel.publish import HostTransfer, Publisher
+from sentinel.roles import roles_from_config
 from sentinel.stats import StatsTap, TensorStats
+from sentinel.te import Fp8CacheRefresh, is_te_module
 
 log = logging.getLogger("sentinel")
 STATE_VERSION = 1
@@ -55,6 +59,9 @@ class Sentinel:
         self.run = config.run or os.environ.get("SENTINEL_RUN") or f"run-{socket.gethostname()}-{os.getpid()}"
         self.rank = _dist_rank()
         self._hooks: list[Any] = []
+        self._sources: list[Any] = []  # extra statistics: callables returning [(Layout, packed tensor)]
+        self.fp8_refresh: Fp8CacheRefresh | None = None
+        self._pre_hook: Any = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_time = time.perf_counter()  # step 0's duration is measured from attach
         self._transfer = HostTransfer()
@@ -66,6 +73,7 @@ class Sentinel:
         self.lr_scheduler = lr_scheduler
         self.checkpoints: CheckpointManager | None = None
         self.control: Control | None = None
+        self.probes: Probes | None = None
         logging.getLogger("sentinel").setLevel(config.log_level.upper())
         if not config.enabled:
             log.info("sentinel: disabled by config; no hooks installed")
@@ -76,7 +84,14 @@ class Sentinel:
         self._names = tuple(
             param_names.get(id(p), f"group{g}.param{i}") for i, (p, g) in enumerate(zip(self._params, self._group_of))
         )
+        st = config.stabilise
+        if st.init != "keep" or st.scaled_embed or st.embed_ln:
+            self._stabilisers = stabilise.apply(model, st, roles_from_config(model, config))
+            self._hooks += self._stabilisers.hooks
         transforms = build_transforms(model, optimizer, config, self._params, self._group_of, self._names)
+        self.fp8_refresh = Fp8CacheRefresh(model) if any(map(is_te_module, model.modules())) else None
+        if st.init != "keep" or (config.optim.wesar.enabled and config.optim.wesar.init == "wesar"):
+            self.weights_changed("re-initialisation at attach")
         self.guard = transforms["guard"]
         if config.stats.enabled:
             mode = config.stats.update
@@ -109,14 +124,18 @@ class Sentinel:
         )
         if on:
             log.info("sentinel: optimizer transforms on: %s", ", ".join(on))
-        self._hooks.append(optimizer.register_step_pre_hook(self._before_step))
+        self._pre_hook = optimizer.register_step_pre_hook(self._before_step)
+        self._hooks.append(self._pre_hook)
         self._hooks.append(optimizer.register_step_post_hook(self._after_step))
         publishes = config.publish.ranks == "all" or self.rank == 0
         if config.publish.enabled and publishes:
-            self.publisher = Publisher(config.publish.endpoint, self.run, self.rank, config.publish.queue)
+            pub = config.publish
+            self.publisher = Publisher(pub.endpoint, self.run, self.rank, pub.queue, curve=pub.curve)
             log.info("sentinel: run %r rank %d publishing to %s", self.run, self.rank, config.publish.endpoint)
         self.checkpoints = CheckpointManager.create(self, config.checkpoint)
         self.control = Control(self, config.control)
+        if config.probes.enabled and self.publisher is not None:  # ranks that publish nothing probe nothing
+            self.probes = _make_probes(model, config)
 
     def _stats_due(self) -> bool:
         return self.stats is not None and self.step % self.config.stats.every == 0
@@ -142,6 +161,23 @@ class Sentinel:
         self.guard.skip_next(n)
         log.warning("sentinel: skipping the next %d optimizer update(s) from step %d: %s", n, self.step, reason)
 
+    def defer_pre_step(self) -> None:
+        """Run the pre-update transforms from :meth:`pre_step`, called by the loop, instead of a step pre-hook.
+
+        For loops that pass a closure to ``optimizer.step(closure)`` (Lightning's automatic
+        optimization): the closure computes the gradients inside the step, after a pre-hook has
+        run, so the guard and the statistics must run later, once the gradients exist.
+        """
+        if self._pre_hook is not None:
+            self._pre_hook.remove()
+            self._hooks.remove(self._pre_hook)
+            self._pre_hook = None
+
+    def pre_step(self) -> None:
+        """The pre-update transforms (guard, statistics) for the coming update; see :meth:`defer_pre_step`."""
+        if self.chain is not None:
+            self._before_step(self.optimizer, (), {})
+
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._ctx = StepContext(step=self.step, params=self._params, names=self._names, group_of=self._group_of)
         self._run_chain(self.chain.before_step)
@@ -151,6 +187,8 @@ class Sentinel:
         if ctx is None:
             return
         self._run_chain(self.chain.after_step)
+        if self.fp8_refresh is not None and ("wesar" in self.chain.transforms or "clamp" in self.chain.transforms):
+            self.weights_changed("WeSaR/clamp after the step")
         if self.stats is not None and "stats" in self.chain.transforms:
             tap = self.chain.transforms["stats"]
             self._pending, tap.pending = tap.pending, None
@@ -178,13 +216,34 @@ class Sentinel:
             log.exception("sentinel: publishing failed at step %d (training continues)", self.step)
         self._last_time = now
         self.step += 1
+        if self.probes is not None:
+            self.probes.begin_step(self.step)  # hooks only for the forward of a sampled step
         if self.control is not None:
             self.control.boundary(loss, grad_norm)  # commands, then checkpoints; never raises
 
+    def add_source(self, collect: Any) -> None:
+        """Publish what ``collect()`` returns, ``[(Layout, packed float32 tensor)]``, with every ``observe()``."""
+        self._sources.append(collect)
+
+    def weights_changed(self, reason: str) -> None:
+        """Sentinel wrote weights outside the optimizer's update: cached low-precision copies must be re-cast."""
+        if self.fp8_refresh is not None:
+            self.fp8_refresh.mark_stale(reason)
+
     def _publish(self, now: float, loss: Any, scalars: dict[str, Any]) -> None:
         pending, self._pending = self._pending, None
+        probed = self.probes.collect() if self.probes is not None else []
+        for collect in self._sources:
+            try:
+                probed += collect()
+            except Exception:
+                self.errors += 1
+                log.exception("sentinel: statistics source %r failed (training continues)", collect)
         if self.publisher is None:
             return
+        for lay, packed in probed:  # probe messages first: the step's own message stays the latest
+            for data, (step, out) in self._transfer.submit(packed, (self.step, lay)):
+                self.publisher.publish(step, out, data)
         values: dict[str, Any] = {}
         if loss is not None:
             values["loss"] = loss
@@ -264,12 +323,38 @@ class Sentinel:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.probes is not None:
+            self.probes.close()
+        if self.fp8_refresh is not None:
+            self.fp8_refresh.close()
 
     def __enter__(self) -> Sentinel:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _make_probes(model: torch.nn.Module, config: Config) -> Probes | None:
+    """The forward probes, armed for step 0; None (logged) when the model's roles cannot be read."""
+    from sentinel.roles import roles_from_config
+
+    try:
+        c = config.probes
+        probes = Probes(
+            model, roles_from_config(model, config), every=c.every, sample=c.sample, top_heads=c.top_heads,
+            bounds=c.bounds,
+        )  # fmt: skip
+    except Exception:
+        log.exception("sentinel: forward probes could not be set up; training continues without them")
+        return None
+    p = probes.plan
+    log.info(
+        "sentinel: forward probes every %d step(s): %d linears, %d attention, %d blocks, %d norms",
+        c.every, len(p.linears), len(p.attentions), len(p.blocks), len(p.norms),
+    )  # fmt: skip
+    probes.begin_step(0)
+    return probes
 
 
 def attach(

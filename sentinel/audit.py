@@ -1,19 +1,20 @@
 """``sentinel audit MODULE:FACTORY``: check a model before launch, without training it.
 
-The report is a list of sections, each with a status (``ok``, ``warn``, ``fail``).  Today it has
-one section, ``roles`` (every weight matrix's role, layer and fused parts, from
-:mod:`sentinel.roles`); more checks (Takase's stability conditions) append their own section
-function to :data:`SECTIONS`.  A section function takes the :class:`AuditContext` (which holds
+The report is a list of sections, each with a status (``ok``, ``warn``, ``fail``): ``roles``
+(every weight matrix's role, layer and fused parts, from :mod:`sentinel.roles`), then the
+numeric checks of :mod:`sentinel.audit_checks` (Takase's two conditions and per-layer bound,
+WeSaR's norm spread, Adam's ε against the gradient RMS).  A section function takes the :class:`AuditContext` (which holds
 the model, the config and what earlier sections found, such as the role map) and returns a
 :class:`Section`.
 
 The model is built by calling ``FACTORY()`` inside ``with torch.device("meta")`` unless
 ``--no-meta`` is given: parameters then have names and shapes but no storage, so a 70B model
-audits in seconds on a laptop.
+audits its roles in seconds on a laptop; the numeric checks need ``--no-meta`` (real weights and
+one pass over ``--tokens`` random tokens) and say so otherwise.
 
 Exit codes: 0 every section ok (or warn); 1 the factory raised; 2 usage or configuration error
 (bad MODULE:FACTORY, bad config, unknown role in an override, an ambiguous ``auto`` preset);
-3 a section failed (for roles: some weight matrix has no role).
+3 a section failed (a weight matrix without a role, or one of Takase's conditions broken).
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ __all__ = [
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 AUDIT_EPILOG = (
-    "exit codes: 0 every check passed (every weight matrix has a role); 1 FACTORY() raised; "
+    "exit codes: 0 every check passed or only warned; 1 FACTORY() raised; "
     "2 usage or configuration error (bad MODULE:FACTORY, bad config or override, ambiguous 'auto' preset); "
-    "3 a check failed (some weight matrix has no role)"
+    "3 a check failed (a weight matrix without a role, or one of Takase's conditions broken; the fix is printed)"
 )
-STATUSES = ("ok", "warn", "fail")
+STATUSES = ("skipped", "ok", "warn", "fail")  # report status: the worst
 
 
 class AuditUsageError(Exception):
@@ -85,6 +86,10 @@ class AuditContext:
     preset: str | None = None  # --preset; None: config.roles.preset
     show_vectors: bool = False
     roles: Any = None  # sentinel.roles.RoleMap, set by roles_section
+    tokens: int = 16  # random tokens of the numeric checks' one forward/backward pass
+    adam_eps: float = 1e-8
+    measured: Any = None  # per layer, the normalisation inputs' std (sentinel.audit_checks)
+    skip: tuple[str, ...] = ()  # numeric checks not to run
 
 
 @dataclass
@@ -98,7 +103,8 @@ class AuditReport:
 
     @property
     def status(self) -> str:
-        return max((s.status for s in self.sections), key=STATUSES.index, default="ok")
+        worst = max((s.status for s in self.sections), key=STATUSES.index, default="ok")
+        return "ok" if worst == "skipped" else worst
 
     @property
     def exit_code(self) -> int:
@@ -211,6 +217,12 @@ def roles_section(ctx: AuditContext) -> Section:
 SECTIONS: list[Callable[[AuditContext], Section]] = [roles_section]
 
 
+def _register_numeric_checks() -> None:
+    from sentinel import audit_checks
+
+    audit_checks.register(SECTIONS)
+
+
 # ---------------------------------------------------------------- model loading
 
 
@@ -271,13 +283,29 @@ def build_model(factory: Callable[[], Any], meta: bool = True) -> Any:
 
 
 def audit_model(
-    model: Any, config: Any = None, preset: str | None = None, target: str = "", show_vectors: bool = False
+    model: Any,
+    config: Any = None,
+    preset: str | None = None,
+    target: str = "",
+    show_vectors: bool = False,
+    *,
+    tokens: int = 16,
+    adam_eps: float = 1e-8,
+    skip: tuple[str, ...] = (),
 ) -> AuditReport:
     """Run every section of :data:`SECTIONS` on ``model`` and return the report."""
     from sentinel.config import load_config
 
     config = load_config(config)
-    ctx = AuditContext(model=model, config=config, preset=preset, show_vectors=show_vectors)
+    ctx = AuditContext(
+        model=model,
+        config=config,
+        preset=preset,
+        show_vectors=show_vectors,
+        tokens=tokens,
+        adam_eps=adam_eps,
+        skip=tuple(skip),
+    )
     sections = [fn(ctx) for fn in SECTIONS]
     params = {id(p): p for p in model.parameters()}.values()
     devices = sorted({str(p.device) for p in params}) or ["no parameters"]
@@ -300,13 +328,16 @@ def add_audit_parser(sub: Any) -> argparse.ArgumentParser:
 
     parser = sub.add_parser(
         "audit",
-        help="check a model before launch: the role of every weight matrix",
+        help="check a model before launch: roles, Takase's stability conditions, WeSaR norm spread, Adam ε",
         description=(
             "Build the model by calling FACTORY() from MODULE (a dotted module path or a .py file) and "
             "report the role of every weight matrix (embedding, q, k, v, qkv, o, up, gate, gate_up, down, "
             "head...), its layer and fused parts, and the matrices no rule recognised. FACTORY() runs "
             'inside `with torch.device("meta")` (names and shapes only, no memory) unless --no-meta. '
-            "See docs/roles.md."
+            "With --no-meta it also checks Takase et al.'s two conditions (small sub-layers, large shortcut) "
+            "and prints the per-layer gradient bound (eq. 15, 20), the spread of the matrices' norms (WeSaR) "
+            "and the gradient RMS against Adam's eps, naming the fix of each failure. "
+            "See docs/roles.md and docs/audit.md."
         ),
         epilog=AUDIT_EPILOG,
     )
@@ -316,7 +347,19 @@ def add_audit_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--all", action="store_true", help="list vectors (norms, biases) in the table too")
     parser.add_argument(
-        "--no-meta", action="store_true", help="call FACTORY() on the default device instead of the meta device"
+        "--no-meta",
+        action="store_true",
+        help="call FACTORY() on the default device instead of the meta device; needed by the numeric checks "
+        "(Takase's conditions and bounds, WeSaR norm spread, Adam ε), which then run one forward/backward pass",
+    )
+    parser.add_argument("--tokens", type=int, default=16, help="random tokens for that pass (default 16)")
+    parser.add_argument("--adam-eps", type=float, default=1e-8, help="the run's Adam ε (default 1e-8)")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=("takase", "wesar", "eps"),
+        help="a numeric check not to run (repeatable); skipping eps avoids the backward pass and its memory",
     )
     parser.set_defaults(func=run_audit)
     return parser
@@ -330,7 +373,16 @@ def run_audit(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         factory = load_factory(args.target)
         model = build_model(factory, meta=not args.no_meta)
-        report = audit_model(model, config, preset=args.preset, target=args.target, show_vectors=args.all)
+        report = audit_model(
+            model,
+            config,
+            preset=args.preset,
+            target=args.target,
+            show_vectors=args.all,
+            tokens=args.tokens,
+            adam_eps=args.adam_eps,
+            skip=tuple(args.skip),
+        )
     except (ConfigError, AuditUsageError) as exc:
         print(f"sentinel audit: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -342,3 +394,6 @@ def run_audit(args: argparse.Namespace) -> int:
     else:
         print(report.render(), end="")
     return report.exit_code
+
+
+_register_numeric_checks()

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
 from sentinel import collectives, rng
@@ -84,6 +84,32 @@ def manifest_name(rank: int) -> str:
     return f".manifest-{rank}.json"
 
 
+class NonFinite:
+    """Remembers, on the device (no host sync per step), whether a loss or gradient norm was not finite."""
+
+    def __init__(self) -> None:
+        self._flag: torch.Tensor | None = None
+        self._host = False
+
+    def note(self, *values: Any) -> None:
+        for value in values:
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                flag = ~torch.isfinite(value.detach()).all()
+                self._flag = flag if self._flag is None else self._flag | flag.to(self._flag.device)
+            elif not math.isfinite(float(value)):
+                self._host = True
+
+    def read(self) -> bool:
+        """Whether anything non-finite was noted since the last read (one host sync), then forget it."""
+        bad, self._host = self._host, False
+        if self._flag is not None:
+            bad = bad or bool(self._flag.item())
+            self._flag = None
+        return bad
+
+
 class CheckpointManager:
     """Saves every ``checkpoint.every`` steps, judges each after ``good_after`` steps, restores good ones."""
 
@@ -98,8 +124,7 @@ class CheckpointManager:
         self.lineage = collectives.broadcast_bytes(uuid.uuid4().hex.encode()).decode()
         self.saved = self.refused = self.failed = self.restored = 0
         self._pending: dict[int, bool] = {}  # step saved -> this rank's save finished well; not yet judged
-        self._bad: torch.Tensor | None = None  # device flag: a non-finite loss/grad norm since the last read
-        self._bad_host = False
+        self._nonfinite = NonFinite()
         self._no_save_at = -1
         self._superseded: list[Path] = []
         self._verified: Path | None = None  # moved aside by this process; deleted after the next good one
@@ -125,14 +150,7 @@ class CheckpointManager:
 
     def note(self, loss: Any, grad_norm: Any) -> None:
         """Remember a non-finite loss or gradient norm, on the device (no host sync)."""
-        for value in (loss, grad_norm):
-            if value is None:
-                continue
-            if isinstance(value, torch.Tensor):
-                flag = ~torch.isfinite(value.detach()).all()
-                self._bad = flag if self._bad is None else self._bad | flag.to(self._bad.device)
-            elif not math.isfinite(float(value)):
-                self._bad_host = True
+        self._nonfinite.note(loss, grad_norm)
 
     def step_end(self, step: int) -> None:
         """Judge checkpoints whose clean window is over, then save if one is due."""
@@ -155,7 +173,7 @@ class CheckpointManager:
         """Save a checkpoint of the current state as ``step-STEP`` (collective); None if refused or failed."""
         step = self.sn.step if step is None else step
         self.wait()
-        dirty = self._read_bad()
+        dirty = self._nonfinite.read()
         nonfinite = not self._finite_state()
         unstarted = not self.sn.optimizer.state
         dirty, nonfinite, unstarted = (bool(v) for v in collectives.all_max([dirty, nonfinite, unstarted]))
@@ -183,10 +201,11 @@ class CheckpointManager:
                 else:
                     dcp.save(app, checkpoint_id=str(path))
                     self._pending[step] = self._finish(None, path, step)
-        except Exception:
-            self.failed += 1
-            log.exception("sentinel: checkpoint step-%d failed (training continues)", step)
+        except (Exception, dcp.CheckpointException) as exc:  # DCP's exception is a BaseException
             self._pending[step] = False
+            self._failed_save(step, exc)
+            if self.rank == 0:
+                self._discard(path)
             return None
         self.saved += 1
         log.info("sentinel: checkpoint step-%d %s", step, "saving in the background" if self._executor else "saved")
@@ -214,10 +233,31 @@ class CheckpointManager:
                 },
             )
             return True
-        except Exception:
-            self.failed += 1
-            log.exception("sentinel: checkpoint step-%d failed on rank %d (it will not become good)", step, self.rank)
+        except (Exception, dcp.CheckpointException) as exc:
+            self._failed_save(step, exc)
             return False
+
+    def _failed_save(self, step: int, exc: BaseException) -> None:
+        """Loud, counted, and per ``checkpoint.on_failure`` the end of the run; never raised into the loop."""
+        self.failed += 1
+        stop = self.config.on_failure == "stop"
+        log.error(
+            "sentinel: checkpoint step-%d FAILED on rank %d: %s; it will never be restored, the older good "
+            "checkpoints are kept; %s",
+            step,
+            self.rank,
+            _reason(exc),
+            "the run stops (checkpoint.on_failure: stop)" if stop else "training continues (checkpoint.on_failure)",
+            exc_info=exc,
+        )
+        if stop:
+            self.sn.position.stop()
+
+    def _discard(self, path: Path) -> None:
+        """Remove what a failed save left (frees the space a full disk needs); never a good checkpoint."""
+        if path.is_dir() and not (path / GOOD).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("sentinel: removed the partial checkpoint %s", path.name)
 
     def wait(self) -> None:
         """Wait for the save in flight, if any (one at a time)."""
@@ -233,7 +273,7 @@ class CheckpointManager:
     def _judge(self, step: int) -> None:
         self.wait()
         due = sorted(s for s in self._pending if step >= s + self.config.good_after)
-        local = [self._read_bad(), not self._finite_state()] + [not self._pending[s] for s in due]
+        local = [self._nonfinite.read(), not self._finite_state()] + [not self._pending[s] for s in due]
         flags = [bool(v) for v in collectives.all_max([int(v) for v in local])]
         dirty, nonfinite, failed = flags[0], flags[1], flags[2:]
         if dirty or nonfinite:
@@ -265,14 +305,10 @@ class CheckpointManager:
             path = self.dir / f"step-{step}"
             if path.is_dir():
                 doc = {"step": step, "at_step": self.sn.step, "lineage": self.lineage, "reason": reason}
-                _write_json(path / (GOOD if good else BAD), doc)
-
-    def _read_bad(self) -> bool:
-        bad, self._bad_host = self._bad_host, False
-        if self._bad is not None:
-            bad = bad or bool(self._bad.item())
-            self._bad = None
-        return bad
+                try:
+                    _write_json(path / (GOOD if good else BAD), doc)
+                except OSError as exc:
+                    log.error("sentinel: cannot mark checkpoint step-%d %s: %s", step, "good" if good else "bad", exc)
 
     def _finite_state(self) -> bool:
         tensors = [_local(p.detach()) for p in self.sn.model.parameters()]
@@ -386,7 +422,7 @@ class CheckpointManager:
         try:
             with _quiet_dcp():
                 dcp.load({"app": app}, checkpoint_id=str(path))
-        except Exception as exc:
+        except (Exception, dcp.CheckpointException) as exc:
             log.critical(
                 "sentinel: loading %s failed after it verified; the model may be partly overwritten, so the run "
                 "stops (sn.should_stop)",
@@ -396,13 +432,14 @@ class CheckpointManager:
             self.sn.position.stop()
             raise CheckpointError(f"{path.name} failed to load: {exc}") from exc
         from_step = self.sn.step
+        self.sn.weights_changed(f"restore of {path.name}")
         self.sn.load_state_dict(app.loaded["sentinel"])
         rng.restore(app.loaded["rng"])
         if control is not None and live is not None:
             control.after_restore(live)
         self.lineage = (_read_json(path / manifest_name(0)) or {}).get("lineage", self.lineage)
         self._pending.clear()
-        self._bad, self._bad_host = None, False
+        self._nonfinite = NonFinite()
         self._no_save_at = self.sn.step
         self.restored += 1
         if self.rank == 0:
@@ -489,7 +526,15 @@ class _AppState(Stateful):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         sn = self.m.sn
-        set_state_dict(sn.model, sn.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        # strict=False: a parameter that never had a gradient (unused, frozen in practice) has no
+        # optimizer state to load; DCP has already checked that everything in the template was found.
+        set_state_dict(
+            sn.model,
+            sn.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(strict=False),
+        )
         if sn.lr_scheduler is not None:
             sn.lr_scheduler.load_state_dict(_unblob(state["scheduler"]))
         self.loaded = _unblob(state[f"rank_{self.m.rank}"])
@@ -538,6 +583,20 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost OS error of a (DCP-wrapped) exception, e.g. "[Errno 28] No space left on device"."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return str(seen)
+        for inner in getattr(seen, "failures", {}).values():
+            inner = inner[0] if isinstance(inner, tuple) else inner
+            if isinstance(inner, BaseException):
+                return _reason(inner)
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _describe_file(path: Path, checksum: bool) -> dict[str, Any]:

@@ -1,19 +1,34 @@
-"""The few collectives sentinel's control plane needs, on a CPU (gloo) group.
+"""The few collectives sentinel needs: the control plane's, on a CPU (gloo) group, and the
+statistics' one all-reduce over the shards of sharded (FSDP2, DTensor) parameters.
 
-Why a separate group: commands and checkpoint verdicts are tiny host-side values; moving them
+Why a separate group for the control plane: commands and checkpoint verdicts are tiny host-side values; moving them
 through NCCL would force a device sync at every step boundary.  When the default group already
 has a CPU backend it is reused; otherwise one gloo group is created (a collective call, so
 every rank creates it at ``attach``, in the same order).  Without an initialised process group
 everything here is the single-process identity, at no cost.  Nothing is pickled: payloads are
 JSON bytes in a uint8 tensor, length first.
+
+Statistics of sharded parameters (:class:`ShardSum`): each rank holds a shard of every
+parameter, its gradient and its Adam state, so a norm over its local elements is partial, but
+a *sum of squares* adds up across shards.  The per-tensor sums are packed into one small tensor
+and all-reduced once on the parameters' own device-mesh group (NCCL on GPU); norms, ratios and
+RMS are formed afterwards, equal to those of the unsharded tensors.  Replicated parameters (DDP,
+or plain tensors) need no reduction at all: every rank already holds the whole tensor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
 
 _group: tuple[Any, Any] | None = None  # (default group it was made for, gloo group or None)
 
@@ -81,3 +96,92 @@ def _reduce(values: list[int], op: Any) -> list[int]:
 def barrier() -> None:
     if active():
         dist.barrier(group=cpu_group())
+
+
+def local(t: Tensor) -> Tensor:
+    """The shard this rank holds of a DTensor; any other tensor unchanged."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+class ShardSum:
+    """Adds per-tensor partial sums across the shards of DTensor parameters, in place.
+
+    One ``all_reduce`` per mesh dimension the parameters are sharded on: one for FSDP2 and
+    HSDP (sharded on one dimension, replicated on the other), two for FSDP2 with tensor
+    parallelism.  A parameter replicated on a reduced dimension (or a plain tensor next to
+    sharded ones) contributes from the ranks at coordinate 0 of that dimension only, so it is
+    counted once.  Rows of the summed tensor are the parameters, in order.
+    """
+
+    def __init__(self, mesh: Any, dims: list[int], keep: list[bool]):
+        self.mesh, self.dims = mesh, dims
+        self.groups = [mesh.get_group(d) for d in dims]
+        self.keep = None if all(keep) else torch.tensor(keep, dtype=torch.float64)
+        self._failed: Tensor | None = None  # ranks that failed, from the last reduction (host memory)
+        self._done: Any = None  # CUDA event: that reduction's result has reached ``_failed``
+
+    @classmethod
+    def for_params(cls, params: Sequence[Tensor]) -> ShardSum | None:
+        """The reduction ``params`` need, or ``None`` where no parameter is sharded (single process, DDP)."""
+        if DTensor is None or not active():
+            return None
+        dtensors = [p for p in params if isinstance(p, DTensor)]
+        meshes = {p.device_mesh for p in dtensors}
+        if len(meshes) > 1:
+            raise ValueError(
+                f"statistics over parameters on {len(meshes)} different device meshes are not supported; "
+                "attach sentinel to the parameters of one mesh or set stats.enabled: false"
+            )
+        partial = [
+            i for i, p in enumerate(params) if isinstance(p, DTensor) and any(x.is_partial() for x in p.placements)
+        ]
+        if partial:
+            raise ValueError(
+                f"parameters with Partial placements (index {partial[:5]}) have no well-defined shard sums"
+            )
+        dims = sorted({d for p in dtensors for d, x in enumerate(p.placements) if x.is_shard()})
+        if not dims:
+            return None
+        mesh = meshes.pop()
+        coord = mesh.get_coordinate()
+        if coord is None:
+            raise ValueError("this rank holds parameters of a device mesh it is not part of")
+        keep = [
+            all((isinstance(p, DTensor) and p.placements[d].is_shard()) or coord[d] == 0 for d in dims) for p in params
+        ]
+        return cls(mesh, dims, keep)
+
+    def __call__(self, sums: Tensor, failed: bool = False) -> Tensor:
+        """``sums`` (parameters x columns, float64) summed over the shards: the statistics' one collective.
+
+        One more element travels with the sums: the number of ranks whose statistics ``failed``
+        this step, read back by :meth:`failures` at the next statistics step.
+        """
+        if self.keep is not None:
+            if self.keep.device != sums.device:
+                self.keep = self.keep.to(sums.device)  # once: a copy from the host would sync every step
+            sums = sums * self.keep.to(sums.dtype).unsqueeze(1)
+        flag = torch.full((1,), float(failed), dtype=sums.dtype, device=sums.device)  # a fill, not a copy
+        packed = torch.cat([sums.flatten(), flag])
+        for group in self.groups:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        if packed.device.type == "cuda":
+            if self._failed is None or not self._failed.is_pinned():
+                self._failed = torch.empty(1, dtype=packed.dtype, pin_memory=True)
+            self._failed.copy_(packed[-1:], non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._failed = packed[-1:].clone()
+        return packed[:-1].view_as(sums)
+
+    def failures(self) -> int:
+        """Ranks whose statistics failed at the last reduction; every rank reads the same number.
+
+        On CUDA this waits for that reduction (a statistics step ago), not for the current step.
+        """
+        if self._failed is None:
+            return 0
+        if self._done is not None:
+            self._done.synchronize()
+        return int(self._failed.item())

@@ -36,6 +36,25 @@ class StatsConfig:
 
 
 @dataclass
+class PublishCurveConfig:
+    secret_file: str | None = option(
+        None,
+        doc="The trainer's secret certificate (`client.key_secret` from `sentinel-agent keys DIR`); with "
+        "`publish.curve.server_public_file`, statistics go out over CURVE (docs/security.md).",
+    )
+    server_public_file: str | None = option(
+        None, doc="The agent's public certificate (`server.key` from `sentinel-agent keys DIR`)."
+    )
+
+    def __post_init__(self) -> None:
+        if (self.secret_file is None) != (self.server_public_file is None):
+            raise ConfigError(
+                "publish.curve: secret_file and server_public_file go together; "
+                f"got secret_file={self.secret_file!r}, server_public_file={self.server_public_file!r}"
+            )
+
+
+@dataclass
 class PublishConfig:
     enabled: bool = option(True, doc="Send statistics to the agent over ZeroMQ.")
     endpoint: str = option("tcp://127.0.0.1:5557", doc="ZeroMQ endpoint of the agent's statistics socket.")
@@ -43,6 +62,17 @@ class PublishConfig:
         1000, range=(1, 1_000_000), doc="Messages buffered while the agent is slow; beyond this they drop."
     )
     ranks: str = option("zero", choices=("zero", "all"), doc="Which ranks publish: rank 0 only, or every rank.")
+    allow_insecure_remote: bool = option(
+        False,
+        doc="Allow a non-loopback `endpoint` without `publish.curve`: statistics then travel in clear "
+        "to whoever listens there.",
+    )
+    curve: PublishCurveConfig = field(default_factory=PublishCurveConfig)
+
+    def __post_init__(self) -> None:
+        from sentinel.publish import check_endpoint
+
+        check_endpoint(self)
 
 
 @dataclass
@@ -199,6 +229,50 @@ class CheckpointConfig:
         False, doc="Save with dcp.async_save (staged to CPU memory, written in the background; one save in flight)."
     )
     checksum: bool = option(True, doc="Record and verify the sha256 of every checkpoint file, not only its size.")
+    on_failure: str = option(
+        "continue",
+        choices=("continue", "stop"),
+        doc="A save that fails (disk full, I/O error) is logged, counted and its partial folder removed; "
+        "'continue' trains on with the older good checkpoints, 'stop' also ends the run (sn.should_stop).",
+    )
+
+
+@dataclass
+class ProbesConfig:
+    enabled: bool = option(
+        False,
+        doc="Per-layer forward probes (docs/probes.md): linear output RMS/L2, attention logit max, residual, "
+        "embedding and norm-input std, log Z at the head, Takase's bounds; sent as their own messages.",
+    )
+    every: int = option(
+        10, range=(1, None), doc="Probe every N steps (step % N == 0); other steps run with no hooks at all."
+    )
+    sample: int = option(
+        64,
+        range=(1, None),
+        doc="Query positions per sequence scored for the attention logit max, and token positions per sequence "
+        "for log Z; evenly spaced, first and last included; exact when it covers the whole sequence.",
+    )
+    top_heads: int = option(
+        4, range=(0, 1024), doc="Per attention module, also send the k largest per-head logit maxima and their heads."
+    )
+    bounds: bool = option(True, doc="Send Takase et al.'s per-layer gradient-norm bounds (eq. 15, 20) per block.")
+
+
+@dataclass
+class StabiliseConfig:
+    init: str = option(
+        "keep",
+        choices=("keep", "small", "scaled", "small_scaled"),
+        doc="Re-initialise at attach: 'small' N(0, 2/(5d)) for every matrix, 'scaled' W_o and W_down / √(2N), "
+        "'small_scaled' both (Takase's Vanilla, papers/000 §4); 'keep' leaves the weights alone.",
+    )
+    scaled_embed: bool = option(
+        False, doc="Multiply the token-embedding output by √d (Takase §4 'Scaled Embed': shortcut std near 1)."
+    )
+    embed_ln: bool = option(
+        False, doc="Layer-normalise the token-embedding output, without affine parameters (Takase §4 'Embed LN')."
+    )
 
 
 @dataclass
@@ -216,6 +290,8 @@ class Config:
     roles: RolesConfig = field(default_factory=RolesConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+    stabilise: StabiliseConfig = field(default_factory=StabiliseConfig)
 
 
 def load_config(source: str | Path | dict | Config | None = None, **overrides: Any) -> Config:

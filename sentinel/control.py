@@ -33,8 +33,8 @@ import zmq
 import zmq.auth
 
 from agent.commands import MAX_MESSAGE_BYTES, Ack, Command, CommandError, Hello, decode
-from agent.typedconfig import ConfigError
 from sentinel import collectives
+from sentinel import curve as _curve
 from sentinel.checkpoint import CheckpointError
 
 if TYPE_CHECKING:
@@ -64,18 +64,11 @@ class ControlClient:
         self._sock.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_MESSAGE_BYTES)
         if curve is not None and curve.secret_file:
             try:
-                self._set_curve(curve)
+                _curve.set_client_keys(self._sock, "control", curve)
             except Exception:
                 self.close()
                 raise
         self._sock.connect(endpoint)
-
-    def _set_curve(self, curve: CurveConfig) -> None:
-        public, secret = _certificate(curve.secret_file, "control.curve.secret_file")
-        server, _ = _certificate(curve.server_public_file, "control.curve.server_public_file")
-        if secret is None:
-            raise ConfigError(f"control.curve.secret_file: {curve.secret_file!r} holds no secret key")
-        self._sock.curve_secretkey, self._sock.curve_publickey, self._sock.curve_serverkey = secret, public, server
 
     def receive(self, limit: int = 32) -> list[Command]:
         """Commands waiting now (validated), at most ``limit``; invalid messages are answered and counted."""
@@ -139,30 +132,7 @@ class ControlClient:
 
 def check_endpoint(config: ControlConfig) -> None:
     """Refuse a command endpoint off this host without CURVE: commands can roll back or stop the run."""
-    from agent.config import is_loopback
-
-    ep = config.endpoint
-    if not ep.startswith("tcp://"):
-        if not ep.startswith(("ipc://", "inproc://")):
-            raise ConfigError(f"control.endpoint: {ep!r} must be tcp://HOST:PORT, ipc://PATH or inproc://NAME")
-        return
-    host = ep[len("tcp://") :].rpartition(":")[0].strip("[]")
-    if not host:
-        raise ConfigError(f"control.endpoint: {ep!r} must be tcp://HOST:PORT")
-    if not is_loopback(host) and config.curve.secret_file is None and not config.allow_insecure_remote:
-        raise ConfigError(
-            f"control.endpoint: {ep!r} is not a loopback address and control.curve is not set; anyone who can "
-            "reach it could roll back or stop this run. Set control.curve, or control.allow_insecure_remote: true"
-        )
-
-
-def _certificate(path: str | None, key: str) -> tuple[bytes, bytes | None]:
-    if not path:
-        raise ConfigError(f"{key}: required when control.curve is set")
-    try:
-        return zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{key}: cannot load a certificate from {path!r}: {exc}") from None
+    _curve.check_endpoint("control", config, "anyone who can reach it could roll back or stop this run")
 
 
 class Control:

@@ -2,12 +2,14 @@
 
 Starts ``sentinel-agent`` as a child process, prints its /metrics address as soon as it
 listens, trains ``examples/tiny_gpt.py`` with sentinel attached, shows progress, and ends
-with a summary of what went over the wire and what the agent decided.
+with a summary of what went over the wire and what the agent decided, and the run report
+(``sentinel-agent report``, docs/report.md) written from the agent's files, with its path.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -71,6 +73,7 @@ class DemoResult:
     agent: dict[str, float]
     seconds: float
     actions: list[str] = field(default_factory=list)
+    report: Path | None = None
 
 
 def _actions(events_path: str | None) -> list[str]:
@@ -88,9 +91,32 @@ def _actions(events_path: str | None) -> list[str]:
     return lines
 
 
+def _report(agent_dir: Path, report_dir: Path, out) -> Path | None:
+    """Keep the agent's files in ``report_dir/agent-state`` and write the report from them."""
+    state = report_dir / "agent-state"
+    state.mkdir(parents=True, exist_ok=True)
+    for path in sorted(agent_dir.glob("*/*.jsonl")):
+        shutil.copy2(path, state / path.name)
+    try:
+        from agent.report import MatplotlibMissing, ReportError, build_report
+
+        result = build_report([state], report_dir / "report.html", title="llm-sentinel demo run report")
+    except (ImportError, MatplotlibMissing, ReportError) as exc:
+        print(f"\nrun report not written: {exc}", file=out)
+        return None
+    return result.html
+
+
 def run_demo(
-    steps: int, lr: float, metrics_port: int, seed: int = 0, inject_spike: bool = False, out=sys.stdout
+    steps: int,
+    lr: float,
+    metrics_port: int,
+    seed: int = 0,
+    inject_spike: bool = False,
+    out=sys.stdout,
+    report_dir: str | Path | None = None,
 ) -> DemoResult:
+    """Train, summarise, and write the run report to ``report_dir`` (default: a new directory under /tmp)."""
     from sentinel.examples.tiny_gpt import TrainConfig, train
 
     workdir = tempfile.TemporaryDirectory(prefix="sentinel-demo-")
@@ -132,6 +158,9 @@ def run_demo(
             seconds=seconds,
             actions=_actions(agent.events_path),
         )
+        agent.stop()  # the agent's files are complete and closed before the report reads them
+        target = Path(report_dir) if report_dir is not None else Path(tempfile.mkdtemp(prefix="sentinel-demo-report-"))
+        result.report = _report(Path(workdir.name) / "agent", target, out)
     rows = [
         ("steps", f"{result.steps}"),
         ("final loss", f"{result.final_loss:.4f}"),
@@ -154,4 +183,9 @@ def run_demo(
         print("\nagent actions (events.jsonl)", file=out)
         for line in result.actions:
             print(f"  {line}", file=out)
+    if result.report is not None:
+        print(f"\nrun report: {result.report}", file=out)
+        print(
+            f"  (again from the agent's files: sentinel-agent report {result.report.parent / 'agent-state'})", file=out
+        )
     return result

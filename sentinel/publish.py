@@ -4,24 +4,40 @@ ZeroMQ PUSH with ``IMMEDIATE`` (queue only to connected peers), a bounded send q
 (``SNDHWM``) and ``NOBLOCK``: when the agent is absent, dead or slower than the trainer,
 ``send`` raises ``zmq.Again`` at once and the message is counted as dropped.  ``LINGER=0``
 so closing never waits for an agent.  Reconnection after an agent restart is ZeroMQ's own.
+
+With ``publish.curve`` the socket is a CURVE client (docs/security.md).  A refused handshake
+(wrong key, or an agent without CURVE) leaves the socket with no connected peer, so with
+``IMMEDIATE`` every message is dropped and counted at once, exactly as with no agent.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import zmq
 
 from agent import protocol
+from sentinel import curve as _curve
+
+if TYPE_CHECKING:
+    from sentinel.config import PublishConfig, PublishCurveConfig
 
 log = logging.getLogger("sentinel")
 
 
+def check_endpoint(config: PublishConfig) -> None:
+    """Refuse a statistics endpoint off this host without CURVE, unless explicitly allowed."""
+    _curve.check_endpoint("publish", config, "the statistics would travel unauthenticated and in clear")
+
+
 class Publisher:
-    def __init__(self, endpoint: str, run: str, rank: int, queue: int = 1000):
+    def __init__(self, endpoint: str, run: str, rank: int, queue: int = 1000, curve: PublishCurveConfig | None = None):
+        """``curve``: the trainer's key pair and the agent's public key; raises ConfigError if unreadable."""
+        keys = _curve.client_keys("publish", curve) if curve is not None and curve.secret_file else None
         self.run, self.rank = run, rank
         self.sent = 0
         self.dropped = 0
@@ -32,6 +48,8 @@ class Publisher:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, queue)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        if keys is not None:
+            self._sock.curve_publickey, self._sock.curve_secretkey, self._sock.curve_serverkey = keys
         self._sock.connect(endpoint)
         self._warned = False
 

@@ -15,19 +15,31 @@ for Adam, whose weight decay is already inside m) and D = √v + ε·√b2:
     -ΔW = s·wd·W_new + s·(√b2/b1)·m/D
 
 which needs one scratch list the size of a chunk, not a copy of the model.
+
+Sharded parameters (FSDP2's DTensors): every reduction runs on this rank's shards, the
+per-tensor norms are squared into sums (‖x‖², Σv, counts), and the packed (tensors x 5)
+float64 tensor is all-reduced once (collectives.ShardSum) before norms, ratios and RMS are
+formed, so every rank holds the statistics of the whole tensors.  A failure on one rank must
+not leave the others waiting in that collective: under sharding the failing rank logs it and
+takes part with NaN statistics and a failure flag; at the next statistics step every rank reads
+the flag and turns statistics off together.  docs/distributed.md has the costs.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from sentinel.adam import adam_chunks, chunks, is_adam
+from sentinel.collectives import ShardSum, local
 from sentinel.optim.base import StepContext, Transform
 
 __all__ = ["StatsTap", "TensorStats", "is_adam"]
+
+log = logging.getLogger("sentinel")
 
 GRAD = ("grad_l2", "grad_rms", "param_l2")
 UPDATE = ("update_l2", "update_ratio")
@@ -58,7 +70,9 @@ class TensorStats:
         self.params, self.group_of, self.names = params, group_of, names
         self.adam = is_adam(optimizer)
         self.stats = GRAD + (UPDATE if mode != "off" else ()) + (ADAM if self.adam else ())
-        device = self.params[0].device
+        self.shards = ShardSum.for_params(params)
+        self._failed = False
+        device = local(self.params[0]).device
         self._zero = torch.zeros((), device=device)
         self._numel = torch.tensor([p.numel() for p in self.params], device=device, dtype=torch.float32)
         self._before: list[Tensor] | None = None
@@ -70,20 +84,45 @@ class TensorStats:
     @property
     def snapshot_bytes(self) -> int:
         """Extra memory the 'copy' mode holds during a statistics step."""
-        return sum(p.numel() * p.element_size() for p in self.params) if self.mode == "copy" else 0
+        return sum(local(p).numel() * p.element_size() for p in self.params) if self.mode == "copy" else 0
 
     @torch.no_grad()
     def before_step(self) -> None:
-        """Gradient norms and ‖W_before‖ (and the snapshot in 'copy' mode)."""
-        params = self.params
-        self._with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        """Gradient norms and ‖W_before‖ (and the snapshot in 'copy' mode).
+
+        Sharded: if any rank's statistics failed at the previous statistics step, raise on every
+        rank alike, so that all of them turn statistics off at the same step.
+        """
+        if self.shards is None:
+            return self._before_step()
+        failed = self.shards.failures()
+        if failed:
+            raise RuntimeError(f"statistics failed on {failed} rank(s) at the previous statistics step")
+        try:
+            self._before_step()
+        except Exception:
+            self._fail("before")
+
+    def _before_step(self) -> None:
+        params = [local(p) for p in self.params]
+        self._with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
         self._grad_l2 = [self._zero] * len(params)
         if self._with_grad:
-            for i, v in zip(self._with_grad, torch._foreach_norm([params[i].grad for i in self._with_grad])):
+            grads = [local(self.params[i].grad) for i in self._with_grad]
+            for i, v in zip(self._with_grad, torch._foreach_norm(grads)):
                 self._grad_l2[i] = v
         self._param_l2 = list(torch._foreach_norm(params))
         if self.mode == "copy":
             self._before = [p.detach().clone() for p in params]
+
+    def _fail(self, when: str) -> None:
+        if not self._failed:
+            log.exception(
+                "sentinel: statistics failed %s the step on this rank; it joins this step's shard reduction "
+                "with NaN statistics, and every rank turns statistics off at the next statistics step",
+                when,
+            )
+        self._failed = True
 
     @torch.no_grad()
     def after_step(self, grad_scale: list | None = None) -> tuple[Tensor, Tensor]:
@@ -91,6 +130,36 @@ class TensorStats:
 
         ``grad_scale``: per tensor, the units Adam's state is kept in (set by the ε tuner).
         """
+        if self.shards is None:
+            norms, root_b2 = self._local_norms(torch.float32)
+        else:
+            try:
+                if self._failed:
+                    raise RuntimeError("statistics failed before the step on this rank")
+                norms, root_b2 = self._local_norms(torch.float64)
+            except Exception:
+                self._fail("after")
+                norms = torch.full((len(self.params), 5), float("nan"), dtype=torch.float64, device=self._zero.device)
+                root_b2 = [1.0] * len(self.params)
+            norms = self.shards(norms.square(), failed=self._failed).sqrt()
+        g, w, update, root_v, below = norms.float().unbind(1)
+
+        numel = self._numel
+        columns = {"grad_l2": g, "grad_rms": g / numel.sqrt(), "param_l2": w}
+        if self.mode != "off":
+            columns["update_l2"] = update
+            columns["update_ratio"] = torch.where(w == 0, torch.zeros_like(w), update / w)  # 0 for an all-zero W
+        if self.adam:
+            rb2 = torch.tensor(root_b2, device=numel.device) if isinstance(root_b2[0], float) else torch.stack(root_b2)
+            if grad_scale is not None:
+                rb2 = rb2 * torch.stack([torch.as_tensor(x, device=rb2.device) for x in grad_scale]).float()
+            columns["sqrt_v_rms"] = root_v / (numel.sqrt() * rb2)
+            columns["sqrt_v_below_eps_fraction"] = below.square() / numel
+        matrix = torch.stack([columns[s] for s in self.stats], dim=1)
+        return matrix, g.square().sum().sqrt()
+
+    def _local_norms(self, dtype: torch.dtype) -> tuple[Tensor, list]:
+        """Per tensor, L2 norms over this rank's elements of (grad, W, ΔW, √v, [√v̂ < ε]), and √b2."""
         n = len(self.params)
         update_l2 = [self._zero] * n
         root_v, below, root_b2 = [self._zero] * n, [self._zero] * n, [1.0] * n
@@ -98,27 +167,12 @@ class TensorStats:
             self._copy_update(update_l2)
         if self.adam:
             self._adam(update_l2, root_v, below, root_b2)
-
-        numel = self._numel
-        g = torch.stack(self._grad_l2).float()
-        w = torch.stack(self._param_l2).float()
-        columns = {"grad_l2": g, "grad_rms": g / numel.sqrt(), "param_l2": w}
-        if self.mode != "off":
-            update = torch.stack(update_l2).float()
-            columns["update_l2"] = update
-            columns["update_ratio"] = torch.where(w > 0, update / w, torch.zeros_like(w))  # 0 for an all-zero W
-        if self.adam:
-            rb2 = torch.tensor(root_b2, device=numel.device) if isinstance(root_b2[0], float) else torch.stack(root_b2)
-            if grad_scale is not None:
-                rb2 = rb2 * torch.stack([torch.as_tensor(x, device=rb2.device) for x in grad_scale]).float()
-            columns["sqrt_v_rms"] = torch.stack(root_v).float() / (numel.sqrt() * rb2)
-            columns["sqrt_v_below_eps_fraction"] = torch.stack(below).float().square() / numel
-        matrix = torch.stack([columns[s] for s in self.stats], dim=1)
-        return matrix, g.square().sum().sqrt()
+        cols = (self._grad_l2, self._param_l2, update_l2, root_v, below)
+        return torch.stack([torch.stack(c).to(dtype) for c in cols], dim=1), root_b2
 
     def _copy_update(self, update_l2: list[Tensor]) -> None:
         before, self._before = self._before, None
-        params = self.params
+        params = [local(p) for p in self.params]
         for chunk in chunks(range(len(params)), params, self.chunk_elements):
             delta = torch._foreach_sub([params[i] for i in chunk], [before[i] for i in chunk])
             for i, d in zip(chunk, torch._foreach_norm(delta)):

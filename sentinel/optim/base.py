@@ -27,6 +27,7 @@ class StepContext:
     skip: bool = False
     grad_scale: list | None = None  # per tensor, set by eps: gradients and Adam state are in units × scale
     events: list[dict[str, Any]] = field(default_factory=list)
+    grad_factor: dict[int, Any] | None = None  # pending gradient multipliers, by tensor; None: apply at once
 
 
 class Transform:
@@ -53,6 +54,45 @@ class Transform:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def host_scalars(t: Tensor) -> list:
+    """The elements of a small vector as scalars for foreach ops: floats on the host, 0-dim tensors on a device.
+
+    On the CPU, reading them costs nothing and lets the foreach op take its scalar-list
+    path instead of broadcasting a 0-dim tensor per tensor, and lets a factor of exactly 1
+    be skipped; on a device, 0-dim tensors avoid a host sync.
+    """
+    return t.tolist() if t.device.type == "cpu" else list(t.unbind())
+
+
+def scale_grads(ctx: StepContext, index: list[int], factors: list) -> None:
+    """Multiply the gradient of ``ctx.params[i]`` by ``factors[k]`` for ``i = index[k]``.
+
+    When the chain collects factors (``ctx.grad_factor`` is a dict), they are merged per
+    tensor and applied in one pass (chain.py), so WeSaR's α and ε's scale cost one read and
+    one write of the gradients, not two.  A factor of exactly 1.0 is skipped.
+    """
+    pairs = [
+        (i, f)
+        for i, f in zip(index, factors)
+        if ctx.params[i].grad is not None and not (isinstance(f, float) and f == 1.0)
+    ]
+    if not pairs:
+        return
+    if ctx.grad_factor is None:
+        apply_grad_factors(ctx.params, dict(pairs))
+        return
+    for i, f in pairs:
+        ctx.grad_factor[i] = ctx.grad_factor[i] * f if i in ctx.grad_factor else f
+
+
+def apply_grad_factors(params: list[Tensor], factors: dict[int, Any]) -> None:
+    """One foreach multiply of the gradients by host factors, one by device factors."""
+    for kind in (float, Tensor):
+        idx = [i for i, f in factors.items() if isinstance(f, kind) and params[i].grad is not None]
+        if idx:
+            torch._foreach_mul_([params[i].grad for i in idx], [factors[i] for i in idx])
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int]]:

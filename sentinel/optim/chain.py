@@ -12,6 +12,8 @@ After the step (post-step hook), in reverse:
   3. stats   rebuilds the update the optimizer proposed.
   5. clamp   pulls an update ratio above its role's maximum back to it.
   2. wesar   writes W̄ = α·W back into the module.
+Gradient multipliers (WeSaR's α, ε's scale) are collected and applied in one pass, before
+the statistics when they are on (base.scale_grads).
 Statistics therefore describe the actual parameters WeSaR trains and the update the
 optimizer proposed; the clamp's per-tensor factor says how much of it was applied.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sentinel.optim.base import StepContext, Transform
+from sentinel.optim.base import StepContext, Transform, apply_grad_factors
 
 log = logging.getLogger("sentinel")
 
@@ -58,10 +60,31 @@ class Chain:
                 self.transforms.pop(name)
 
     def before_step(self, ctx: StepContext) -> None:
-        for name in PRE_ORDER:
-            self._call(name, "before_step", ctx)
-            if ctx.skip:
-                return
+        """The pre-step transforms; gradient multipliers are collected and applied in one pass.
+
+        Statistics read gradients in true units, so WeSaR's pending α is applied before them;
+        without statistics, α and ε's scale are merged into a single multiply.
+        """
+        ctx.grad_factor = {}
+        try:
+            for name in PRE_ORDER:
+                if name == "stats" and name in self.transforms:
+                    self._flush(ctx)
+                self._call(name, "before_step", ctx)
+                if ctx.skip:
+                    return
+        finally:
+            self._flush(ctx)
+            ctx.grad_factor = None
+
+    def _flush(self, ctx: StepContext) -> None:
+        factors, ctx.grad_factor = ctx.grad_factor or {}, {}
+        if factors and not ctx.skip:
+            try:
+                apply_grad_factors(ctx.params, factors)
+            except Exception:
+                self.errors += 1
+                log.exception("sentinel: scaling gradients failed at step %d", ctx.step)
 
     def after_step(self, ctx: StepContext) -> None:
         if ctx.skip:

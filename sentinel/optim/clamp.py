@@ -14,8 +14,13 @@ Cost: Adam's step is bounded per element, |m̂/√v̂| ≤ B = (1-β1)/√((1-β
 Schwarz over the moving averages, for β1² < β2), so with s = lr/(1-lr·wd)
     ‖ΔW‖ ≤ s·(wd·(‖W‖ + lr·B·√n) + B·√n).
 Only matrices whose bound exceeds their maximum are rebuilt exactly; in ordinary training
-that is none, and the clamp costs one norm of each matrix before the step and one small
-read of those norms to the host.
+that is none.  ‖W‖ itself is read only when needed: after an unclamped step
+‖W_new‖ ≥ (1 − lr·wd)·‖W‖ − lr·B·√n, so a lower bound on ‖W‖ is carried from step to step,
+and while the bound check holds at that lower bound (it then holds at the true norm, see
+``_proven``) and the tensor's version counter shows no other write, the step reads nothing.
+The exact norm is read again when the lower bound has decayed too far (for a matrix far from
+its maximum, every few dozen steps), after any in-place write to the parameter, after
+``sn.load_state_dict`` and after a rebuilt update.
 """
 
 from __future__ import annotations
@@ -66,33 +71,81 @@ class Clamp(Transform):
         self.events = torch.zeros((), device=device, dtype=torch.int64)
         self._before_norm: dict[int, Tensor] = {}
         self._before: dict[int, Tensor] = {}
+        self._active: list[int] = []
+        self._norm_host: dict[int, float] = {}
+        self._lower: dict[int, float] = {}  # ‖W‖ ≥ this while the tensor's version is _version[i]
+        self._version: dict[int, int] = {}
 
     @torch.no_grad()
     def before_step(self, ctx: StepContext) -> None:
         active = [i for i in self.index if self.params[i].grad is not None]
-        norms = torch._foreach_norm([self.params[i] for i in active]) if active else []
-        self._before_norm = dict(zip(active, norms))
+        self._active = active
+        need = [i for i in active if not self._proven(i)] if self.adam else active
+        norms = torch._foreach_norm([self.params[i] for i in need]) if need else []
+        self._before_norm = dict(zip(need, norms))
         if not self.adam:
             self._before = {i: self.params[i].detach().clone() for i in active}
 
+    def _terms(self, i: int) -> tuple[float, float, float | None]:
+        """(lr, decoupled wd, B) of matrix i's group; B is None where Adam's step has no such bound."""
+        group = self.optimizer.param_groups[self.group_of[i]]
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        wd = float(group["weight_decay"]) if group.get("decoupled_weight_decay", False) else 0.0
+        if beta1 * beta1 >= beta2:
+            return lr, wd, None
+        return lr, wd, (1 - beta1) / math.sqrt((1 - beta2) * (1 - beta1 * beta1 / beta2))
+
+    def _bound(self, i: int, w: float, lr: float, wd: float, b: float) -> float:
+        """The most ‖ΔW‖ of matrix i can be in this step, for ‖W‖ = w."""
+        root_n = math.sqrt(self.params[i].numel())
+        return lr / (1 - lr * wd) * (wd * (w + lr * b * root_n) + b * root_n)
+
+    def _proven(self, i: int) -> bool:
+        """Whether the lower bound on ‖W‖ kept from earlier steps already rules out exceeding the maximum.
+
+        bound(w) − max·w has slope s·wd − max (s = lr/(1 − lr·wd)), so where s·wd ≤ max it falls
+        with w: holding at the lower bound, it holds at the true ‖W‖, and the norm need not be read.
+        """
+        lower = self._lower.get(i)
+        version = getattr(self.params[i], "_version", None)
+        if lower is None or lower <= 0 or version is None or version != self._version.get(i):
+            return False
+        lr, wd, b = self._terms(i)
+        if b is None or lr * wd >= 1 or lr / (1 - lr * wd) * wd > self.limit[i]:
+            return False
+        return self._bound(i, lower, lr, wd, b) <= self.limit[i] * lower
+
+    def _keep_lower_bounds(self, exact: list[int]) -> None:
+        """Carry ‖W‖ ≥ lower through the step just taken, for the matrices the optimizer moved unclamped.
+
+        W_new = (1 − lr·wd)·W − lr·m̂/(√v̂ + ε) with |m̂/√v̂| ≤ B per element, so
+        ‖W_new‖ ≥ (1 − lr·wd)·‖W‖ − lr·B·√n.  The bound holds while the tensor's version
+        counter is unchanged (WeSaR's W ↔ W̄ round trip works on ``.data`` and the relative
+        margin covers its rounding); an in-place write to the parameter, a restore through
+        ``sn.load_state_dict`` or a rebuilt (possibly clamped) update starts from an exact norm again.
+        """
+        skip = set(exact)
+        for i in self._active:
+            w = self._norm_host[i] if i in self._before_norm else self._lower.get(i)
+            lr, wd, b = self._terms(i)
+            if i in skip or w is None or b is None:
+                self._lower.pop(i, None)
+                continue
+            self._lower[i] = ((1 - lr * wd) * w - lr * b * math.sqrt(self.params[i].numel())) * (1 - 1e-4)
+            self._version[i] = getattr(self.params[i], "_version", None)
+
     def _may_exceed(self, active: list[int]) -> list[int]:
         """The matrices whose update-ratio bound does not rule out exceeding their maximum."""
-        if not self.adam:
+        self._norm_host = {}
+        if not self.adam or not active:
             return active
         norms = torch.stack([self._before_norm[i] for i in active]).float().tolist()
+        self._norm_host = dict(zip(active, norms))
         out = []
         for i, w in zip(active, norms):
-            group = self.optimizer.param_groups[self.group_of[i]]
-            beta1, beta2 = group["betas"]
-            if w <= 0 or beta1 * beta1 >= beta2:
-                out.append(i)
-                continue
-            lr = float(group["lr"])
-            wd = float(group["weight_decay"]) if group.get("decoupled_weight_decay", False) else 0.0
-            b = (1 - beta1) / math.sqrt((1 - beta2) * (1 - beta1 * beta1 / beta2))
-            root_n = math.sqrt(self.params[i].numel())
-            bound = lr / (1 - lr * wd) * (wd * (w + lr * b * root_n) + b * root_n)
-            if bound > self.limit[i] * w:
+            lr, wd, b = self._terms(i)
+            if w <= 0 or b is None or self._bound(i, w, lr, wd, b) > self.limit[i] * w:
                 out.append(i)
         return out
 
@@ -100,12 +153,11 @@ class Clamp(Transform):
     def after_step(self, ctx: StepContext) -> None:
         self.factor.fill_(1.0)
         active = self._may_exceed(list(self._before_norm))
-        if not active:
-            return
         if self.adam:
             for c in adam_chunks(self.optimizer, self.params, self.group_of, active, self.chunk_elements):
                 self._apply(ctx, c.index, c.neg_update(c.sqrt_v()))
-        else:
+            self._keep_lower_bounds(active)
+        elif active:
             before, self._before = self._before, {}
             neg = [before[i] - self.params[i] for i in active]
             self._apply(ctx, active, neg, before)
@@ -146,3 +198,4 @@ class Clamp(Transform):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.events.fill_(int(state["events"]))
+        self._lower.clear()  # weights are being restored: start from exact norms

@@ -15,7 +15,8 @@ untouched): Adam is invariant to scaling a tensor's gradient by s except for ε,
 gradient and state kept in units × s give update m̂/(√v̂ + ε_user/s).  Each tensor has its
 own s = ε_user/ε_t ≥ 1; gradients are multiplied by s before the step, and when s changes,
 the state is rescaled (m by r, v by r²) to the new units. Deciding whether anything
-changed reads one small vector from the device every ``every`` steps.  Adam's state therefore holds
+changed reads one small vector from the device every ``every`` steps; a host copy of the scales
+lets tensors whose s is 1 skip the multiply (the chain merges s with WeSaR's α).  Adam's state therefore holds
 scaled values; ``scale`` is in sentinel's state_dict so a resumed run continues exactly.
 Needs decoupled weight decay (AdamW, or Adam without weight decay): Adam's L2 term would
 be added to the scaled gradient.
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from sentinel.adam import is_adam
-from sentinel.optim.base import StepContext, Transform
+from sentinel.optim.base import StepContext, Transform, scale_grads
 
 log = logging.getLogger("sentinel")
 
@@ -61,6 +62,7 @@ class EpsTune(Transform):
         device = params[0].device
         self.user_eps = torch.tensor([float(optimizer.param_groups[g]["eps"]) for g in group_of], device=device)
         self.scale = torch.ones(len(params), device=device)
+        self._host = self.scale.tolist()  # host copy, refreshed whenever ``scale`` changes
         self.calls = 0
         self.tuned = False  # retune on the first step that has Adam state, then every ``every`` steps
 
@@ -70,9 +72,9 @@ class EpsTune(Transform):
             self._retune()
         self.calls += 1
         scales = list(self.scale.unbind())
-        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if with_grad:
-            torch._foreach_mul_([self.params[i].grad for i in with_grad], [scales[i] for i in with_grad])
+        factors = self._host if self.scale.device.type == "cpu" else scales
+        changed = [i for i, s in enumerate(self._host) if s != 1.0]  # s = 1 (ε not lowered): nothing to scale
+        scale_grads(ctx, changed, [factors[i] for i in changed])
         ctx.grad_scale = scales
 
     def _retune(self) -> None:
@@ -105,6 +107,7 @@ class EpsTune(Transform):
         if ams:
             torch._foreach_mul_([sts[k]["max_exp_avg_sq"] for k in ams], [r2[k] for k in ams])
         self.scale[idx] = new
+        self._host = self.scale.tolist()
         log.info(
             "sentinel eps: %d tensor(s) retuned at step %d; effective ε now in [%.3g, %.3g] (RMS √v̂ in [%.3g, %.3g])",
             int((new != old).sum()),
@@ -127,5 +130,6 @@ class EpsTune(Transform):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale.copy_(state["scale"])
+        self._host = self.scale.tolist()
         self.calls = int(state["calls"])
         self.tuned = bool(state["tuned"])

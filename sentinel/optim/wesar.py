@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sentinel.optim.base import StepContext, Transform
+from sentinel.optim.base import StepContext, Transform, host_scalars, scale_grads
 
 log = logging.getLogger("sentinel")
 
@@ -112,23 +112,26 @@ class WeSaR(Transform):
 
     @torch.no_grad()
     def before_step(self, ctx: StepContext) -> None:
-        alphas = list(self.gates.detach().unbind())
-        grad = torch.zeros_like(self.gates)
+        """Per gated matrix: one dot ⟨ḡ, W̄⟩ (reads ḡ and W̄), W̄ → W (one read and write of W),
+        and ḡ → α·ḡ, which the chain merges with ε's scale into one multiply (base.scale_grads)."""
+        alphas = host_scalars(self.gates.detach())
         with_grad = [k for k, p in enumerate(self.params) if p.grad is not None]
-        for k in with_grad:
-            p = self.params[k]
-            grad[k] = torch.vdot(p.grad.reshape(-1), p.detach().reshape(-1)) / alphas[k]
         if with_grad:
-            torch._foreach_mul_([self.params[k].grad for k in with_grad], [alphas[k] for k in with_grad])
+            dots = [torch.dot(self.params[k].grad.reshape(-1), self.params[k].detach().reshape(-1)) for k in with_grad]
+            grad = torch.zeros_like(self.gates)
+            grad[with_grad] = torch.stack(dots).to(grad.dtype) / self.gates.detach()[with_grad]
+            self.gates.grad = grad
+            scale_grads(ctx, [self.index[k] for k in with_grad], [alphas[k] for k in with_grad])
+        else:
+            self.gates.grad = torch.zeros_like(self.gates)
         torch._foreach_div_([p.data for p in self.params], alphas)
-        self.gates.grad = grad
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
         self.gate_optimizer.param_groups[0]["lr"] = self._gate_lr()  # schedulers move group 0; gates follow
         self.gate_optimizer.step()
         self.gates.grad = None
-        torch._foreach_mul_([p.data for p in self.params], list(self.gates.detach().unbind()))
+        torch._foreach_mul_([p.data for p in self.params], host_scalars(self.gates.detach()))
 
     def columns(self) -> dict[str, Tensor]:
         """α per tensor; 1 for tensors without a gate (their W̄ is W)."""

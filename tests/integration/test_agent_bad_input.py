@@ -6,13 +6,19 @@ exit code 1 with one line when an address is taken.
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 from agent_proc import Pusher, make_frames, with_header
 
-from agent.protocol import REJECT_REASONS, Layout, layout_id
+from agent.protocol import REJECT_REASONS, Layout, ProtocolError, decode, layout_id
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import fuzz  # noqa: E402
 
 MAX_BYTES = 65536
 
@@ -87,6 +93,32 @@ def test_flood_of_bad_messages_logs_a_bounded_number_of_lines(running_agent):
     assert running_agent.log().count("reason=frame_count") == 10
 
 
+def test_burst_of_fuzzed_messages_leaves_the_agent_up_and_counts_each_by_reason(start_agent):
+    """2,000 mutated messages (benchmarks/fuzz.py) over TCP: the agent's counters match the prediction."""
+    agent = start_agent(config={"limits": {"max_message_bytes": fuzz.STATS_MAX_BYTES}})
+    rng = random.Random(2024)
+    layouts, cache, expected = fuzz.base_layouts(rng), {}, Counter()
+    with Pusher(agent.stats_endpoint) as push:
+        for _ in range(2000):
+            frames = fuzz.mutate_stats(rng, layouts)
+            try:
+                decode(frames, cache, max_bytes=fuzz.STATS_MAX_BYTES, max_layouts=256)
+                expected["accepted"] += 1
+            except ProtocolError as exc:
+                expected[exc.reason] += 1
+            push.send(frames)
+        push.send(make_frames(run="after-burst", scalars={"loss": 0.75}))
+        scrape = agent.wait_for(received(2001), timeout=60)
+    assert agent.alive
+    rejected = {lab["reason"]: v for lab, v in scrape.samples("sentinel_agent_rejected_messages_total") if v}
+    assert rejected == {reason: n for reason, n in expected.items() if reason != "accepted"}
+    assert len(rejected) >= 6 and expected["accepted"] > 0
+    assert scrape.value("sentinel_loss", run="after-burst", rank=0) == 0.75
+    log = agent.log()
+    assert "Traceback" not in log and "internal error" not in log
+    assert sum(log.count(f"reason={reason} ") for reason in REJECT_REASONS) <= 10 * len(REJECT_REASONS)
+
+
 def test_sigterm_stops_cleanly(running_agent):
     assert running_agent.ready_path.exists()
     assert running_agent.stop() == 0
@@ -106,7 +138,7 @@ def test_restart_reuses_ports_and_the_trainer_socket_reconnects(running_agent):
         running_agent.restart()
         assert (running_agent.stats_endpoint, running_agent.metrics_url) == (endpoint, url)
         assert running_agent.pid != old_pid
-        assert running_agent.scrape().value("sentinel_agent_tracked_series") == 0
+        assert running_agent.scrape().value("sentinel_agent_received_messages_total") == 0  # a new process
         push.send(make_frames(step=2, scalars={"loss": 2.0}))
         scrape = running_agent.wait_for(lambda s: s.value("sentinel_loss") == 2.0)
     assert scrape.value("sentinel_training_step") == 2

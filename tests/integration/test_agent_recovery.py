@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from agent_proc import Pusher, make_frames
 from commands_client import TrainerClient, wait_until
 
@@ -70,3 +71,38 @@ def test_restarted_agent_resends_an_unacknowledged_command_and_decides_nothing_n
     types = [json.loads(line)["type"] for line in events.read_text().splitlines()]
     assert types == ["agent_start", "decision", "undeliverable", "agent_start", "sent", "ack"]
     wait_until(lambda: "will be resent" in agent.log())
+
+
+def _decision_steps(agent, run: str) -> list[int]:
+    events = agent.workdir / "sentinel-agent-state" / "events.jsonl"
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    return [r["step"] for r in records if r["type"] == "decision" and r["run"] == run]
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm-start", "cold-start"])
+def test_killed_agent_restarts_with_its_detector_state_and_repeats_no_decision(start_agent, warm):
+    """SIGKILL mid-run, restart on the same ports and state dir.  Run ``a`` was decided on before
+    the kill and must not be decided on again; run ``b`` spikes 10 steps after the restart, well
+    inside a fresh detector's 64-value warm-up: only the state rebuilt from the recordings sees it."""
+    config = None if warm else {"recording": {"warm_start_max_age_seconds": 0}}
+    agent = start_agent(config=config)
+    loss_a, loss_b = loss_series(140, spike_at=100, seed=1), loss_series(170, spike_at=150, seed=2)
+    with Pusher(agent.stats_endpoint) as push:
+        for step in range(140):
+            push.send(make_frames(run="a", step=step, scalars={"loss": loss_a[step]}))
+            push.send(make_frames(run="b", step=step, scalars={"loss": loss_b[step]}))
+        agent.wait_for(lambda s: s.value("sentinel_agent_recorded_messages_total") == 280)
+    assert _decision_steps(agent, "a") == [100]
+    agent.kill()
+    agent.restart()
+    with Pusher(agent.stats_endpoint) as push:
+        for step in range(140, 170):
+            push.send(make_frames(run="b", step=step, scalars={"loss": loss_b[step]}))
+        agent.wait_for(lambda s: s.value("sentinel_agent_recorded_messages_total") == 30)
+    assert _decision_steps(agent, "a") == [100], agent.log()
+    if warm:
+        assert _decision_steps(agent, "b") == [150], agent.log()
+        assert "warm start: 280 message(s) of 2 run(s)" in agent.log()
+        assert agent.scrape().value("sentinel_training_step", run="a", rank="0") == 139
+    else:
+        assert _decision_steps(agent, "b") == []

@@ -131,7 +131,8 @@ def test_agent_killed_and_restarted_mid_run(tmp_path: Path, running_agent) -> No
     time.sleep(3.0)
     restarted_at = time.time()
     running_agent.restart()
-    after = running_agent.wait_for(lambda s: s.value("sentinel_training_step", run="restart", rank="0") is not None, 30)
+    # The restarted agent knows the run's last recorded step at once (warm start); wait for a new message.
+    after = running_agent.wait_for(lambda s: (s.value("sentinel_agent_received_messages_total") or 0) > 0, 30)
     report = _report(trainer)
 
     first_step_after = after.value("sentinel_training_step", run="restart", rank="0")

@@ -61,7 +61,7 @@ def test_unknown_key_in_yaml(tmp_path):
     path.write_text("metrics:\n  prot: 1\n")
     msg = config_error(path)
     assert msg.startswith("metrics.prot: unknown key")
-    assert "certfile, host, keyfile, port" in msg
+    assert "certfile, client_cafile, host, keyfile, port" in msg
 
 
 @pytest.mark.parametrize("steps", [15, 1_000_001])

@@ -35,8 +35,8 @@ def test_prediction_families_are_documented_clean_and_filled(tmp_path):
             push.send(make_frames(run="m", step=step, scalars={"loss": loss}, stats=("attn_logit_max",),
                                   tensors=("h.0.attn", "h.1.attn"), matrix=[[logit], [1.0]]))  # fmt: skip
         deadline = time.monotonic() + 10
-        while agent.state.received_messages < 120 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while (agent.state.received_messages < 120 or agent.state.decisions < 1) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the decision on the last message follows its receipt
         text = fetch(agent.metrics_url)
     s = parse_metrics(text)
     assert s.value("sentinel_spike_risk", run="m") == 1.0
@@ -54,7 +54,7 @@ def test_prediction_families_are_documented_clean_and_filled(tmp_path):
     for name, kind in types.items():
         assert not lint_problems(name, kind), (name, lint_problems(name, kind))
     allowed = {"run", "rank", "param", "name", "reason", "version", "predictor", "detector", "severity", "layer",
-               "action", "status"}  # fmt: skip
+               "action", "status", "module", "head"}  # fmt: skip
     for name, samples in s.items():
         for labels, _ in samples:
             assert set(labels) <= allowed, name

@@ -41,7 +41,7 @@ def test_audit_tiny_gpt_prints_the_table_and_exits_0(capsys):
     assert row.split()[:7] == ["h.0.attn.c_attn.weight", "qkv", "0", "384x128", "q", "128", "|"]
     assert "unassigned matrices: none" in out
     assert "model: GPT on meta" in out  # built on the meta device by default
-    assert out.rstrip().endswith("result: ok; roles ok")
+    assert out.rstrip().endswith("result: ok; roles ok; takase skipped; wesar skipped; eps skipped")
     assert "ln_f.weight" not in out  # vectors only with --all
 
 
@@ -89,8 +89,13 @@ def test_audit_json(capsys):
     assert main(["audit", f"{TINY}:model", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["status"] == "ok" and report["exit_code"] == 0 and report["device"] == "meta"
-    (roles,) = report["sections"]
+    roles, *numeric = report["sections"]
     assert roles["name"] == "roles" and roles["status"] == "ok"
+    assert [(s["name"], s["status"]) for s in numeric] == [
+        ("takase", "skipped"),
+        ("wesar", "skipped"),
+        ("eps", "skipped"),
+    ]
     data = roles["data"]
     assert data["preset"] == "gpt2" and data["n_layers"] == 4 and data["d_model"] == 128
     assert data["parameters"]["h.2.attn.c_proj.weight"]["role"] == "o"
@@ -198,11 +203,11 @@ def test_sections_are_extensible():
         report = audit_model(GPT(GPTConfig(n_layer=2)), target="x:y")
     finally:
         SECTIONS.remove(extra)
-    assert [s.name for s in report.sections] == ["roles", "stability"]
+    assert [s.name for s in report.sections] == ["roles", "takase", "wesar", "eps", "stability"]
     assert report.status == "fail" and report.exit_code == 3
     text = report.render()
     assert "== stability: fail - 2 down matrices checked\ndetail" in text
-    assert text.rstrip().endswith("result: fail; roles ok; stability fail")
+    assert "result: fail; roles ok;" in text and text.rstrip().endswith("; stability fail")
     with pytest.raises(ValueError, match="status 'bad'"):
         Section("x", "bad", "")
 

@@ -238,3 +238,29 @@ def test_rollback_moves_the_abandoned_trajectory_aside(tmp_path: Path) -> None:
     assert not any((root / "superseded").iterdir())
     shutil.rmtree(root)
     sn.close()
+
+
+def test_a_parameter_that_never_had_a_gradient_does_not_block_a_restore(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(8, 8), "unused": torch.nn.Linear(8, 8)})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sn = sentinel.attach(
+        model,
+        optimizer,
+        publish={"enabled": False},
+        control={"enabled": False},
+        stats={"enabled": False},
+        checkpoint={"dir": str(tmp_path / "ckpt"), "every": 2, "good_after": 1},
+    )
+    for x in _data(5):
+        model["used"](x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sn.observe(loss=0.0)
+    good = sn.checkpoints.latest_good()
+    saved = _saved_params(good)
+    assert good.name == "step-4" and sn.checkpoints.restore(good) == 4
+    for name, p in model.named_parameters():
+        assert torch.equal(p, saved[f"app.model.{name}"])
+    assert len(optimizer.state) == 2  # the used layer's weight and bias
+    sn.close()

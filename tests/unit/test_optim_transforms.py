@@ -199,3 +199,83 @@ def test_all_four_with_gradscaler_and_scheduler_resume_exactly() -> None:
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
     assert saved["sn"]["optim"]["eps"]["tuned"] and "gates" in saved["sn"]["optim"]["wesar"]
+
+
+def test_clamp_skips_the_norm_while_its_lower_bound_holds_and_rereads_after_a_write() -> None:
+    """‖W‖ ≥ (1 − lr·wd)‖W_prev‖ − lr·B·√n lets ordinary steps skip reading ‖W‖; a write to W ends that."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    limit = 0.05
+    sn = sentinel.attach(model, opt, publish={"enabled": False}, optim={"clamp": {"enabled": True, "default": limit}})
+    clamp = sn.chain.transforms["clamp"]
+    gen = torch.Generator().manual_seed(0)
+    read = []
+    for step in range(8):
+        if step == 5:
+            with torch.no_grad():
+                model[0].weight.mul_(1e-4)  # an outside write: the kept bound no longer holds
+        before = [model[i].weight.detach().clone() for i in (0, 2)]
+        model(torch.randn(16, 8, generator=gen)).square().mean().backward()
+        opt.step()
+        read.append(sorted(clamp._before_norm))
+        for i, b in zip((0, 2), before):
+            w = model[i].weight.detach()
+            assert ((w - b).norm() / b.norm()).item() <= limit * (1 + 1e-4)
+        for i, lower in clamp._lower.items():
+            assert lower <= clamp.params[i].detach().norm().item()
+        opt.zero_grad()
+        sn.observe()
+    assert read[0] == clamp.index  # first step: exact norms
+    assert read[1:5] == [[]] * 4  # ordinary steps: no norm read, the bound proves the ratio
+    assert read[5] == [clamp.index[0]]  # the written matrix is read again, the other is not
+    assert read[6:] == [[clamp.index[0]]] * 2  # a clamped step leaves no bound: exact again
+    clamped = [(e["step"], e["param"]) for e in sn.events if e["action"] == "clamp"]
+    assert clamped == [(5, "0.weight"), (6, "0.weight"), (7, "0.weight")]  # the shrunken matrix, held to the max
+    sn.close()
+
+
+def test_chain_applies_wesar_alpha_and_eps_scale_as_one_factor_per_gradient() -> None:
+    """α·s merged per tensor: each gradient ends as α·s·ḡ; where both are 1 it is left as it was."""
+    from sentinel.optim.base import StepContext, optimizer_params
+    from sentinel.optim.chain import Chain
+    from sentinel.optim.eps import EpsTune
+    from sentinel.optim.wesar import WeSaR
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    params, group_of = optimizer_params(opt)
+    names = tuple(n for n, _ in model.named_parameters())
+    wesar = WeSaR(opt, params, names, {"0.weight": "up", "2.weight": "down"}, d=8, d_ffn=32, n_layers=1)
+    eps = EpsTune(opt, params, group_of, every=1000)
+    scale = torch.tensor([4.0, 1.0, 1.0, 16.0])  # 0.weight: gate and scale; 0.bias: neither; 2.bias: scale only
+    eps.load_state_dict({"scale": scale, "calls": 1, "tuned": True})
+    chain = Chain({"wesar": wesar, "eps": eps})
+    model(torch.randn(4, 8)).square().mean().backward()
+    raw = [p.grad.clone() for p in params]
+    alpha = {wesar.index[k]: a for k, a in enumerate(wesar.gates.detach().tolist())}
+    ctx = StepContext(step=0, params=params, names=names, group_of=group_of)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        chain.before_step(ctx)
+    multiplies = sum(e.count for e in prof.key_averages() if e.key == "aten::_foreach_mul_")
+    assert multiplies == 1  # α and s in one pass over the gradients (WeSaR's W̄ → W is a division)
+    for i, (p, g) in enumerate(zip(params, raw)):
+        expected = g * alpha.get(i, 1.0) * float(scale[i])
+        torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=0)
+    assert torch.equal(params[1].grad, raw[1])  # factor 1: untouched
+    assert ctx.grad_factor is None
+
+
+def test_guard_grad_norm_matches_the_foreach_norm_and_keeps_non_finite_results() -> None:
+    from sentinel.optim.guard import grad_norm
+
+    torch.manual_seed(0)
+    grads = [torch.randn(300, 200) * 1e-3, torch.randn(77, dtype=torch.float64), torch.randn(5, 7).t()]
+    reference = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])))
+    assert grad_norm(grads) == pytest.approx(reference, rel=1e-6)
+    half = [g.to(torch.bfloat16) for g in grads[:1]]  # other dtypes take the foreach norm
+    assert grad_norm(half) == pytest.approx(float(torch.linalg.vector_norm(half[0].float())), rel=1e-2)
+    assert grad_norm([torch.tensor([1.0, float("nan")])]) != grad_norm([torch.tensor([1.0, float("nan")])])  # NaN
+    assert grad_norm([torch.tensor([1.0, float("inf")])]) == float("inf")
+    assert grad_norm([torch.tensor([1e25, 1.0])]) == float("inf")  # squares past float32: as the foreach norm says

@@ -82,3 +82,21 @@ def test_disk_full_is_counted_not_raised(tmp_path, caplog):
     (tmp_path / "stats-r.jsonl").symlink_to("/dev/full")
     assert rec.record(msg(0), 0.0) is False and rec.errors == 1
     assert "cannot record statistics" in caplog.text
+
+
+def test_a_run_named_like_a_rotated_file_keeps_its_own_recording(tmp_path) -> None:
+    """Run ``sweep`` rotates into ``stats-sweep.1.jsonl``; run ``sweep.1`` must never live there."""
+    from agent.warm import recording_sets
+
+    assert file_stem("sweep.1") != "stats-sweep.1" and file_stem("sweep.1").startswith("stats-sweep_1-")
+    rec = StatsRecorder(tmp_path, max_file_bytes=4096, max_files=3)
+    for step in range(60):
+        for run in ("sweep", "sweep.1"):
+            rec.record(msg(step, run=run), float(step))
+    rec.close()
+    sets = recording_sets(tmp_path, max_age_seconds=60.0)
+    assert sorted(sets) == sorted([file_stem("sweep"), file_stem("sweep.1")])
+    assert len(sets[file_stem("sweep")]) >= 2  # rotated
+    for stem, run in ((file_stem("sweep"), "sweep"), (file_stem("sweep.1"), "sweep.1")):
+        runs = {r.message.run for r in read_recording(sets[stem])}
+        assert runs == {run}

@@ -1,0 +1,157 @@
+"""Which modules the probes watch, found from the parameter roles (sentinel/roles.py).
+
+Nothing is matched on module classes where a role says it better: a module holding a q, k, v,
+qkv, o, up, gate, gate_up or down matrix is a *linear* (its output role: FC2 when it holds a
+down matrix, as Transformer Engine's fused ``LayerNormMLP`` does, then Proj, QKV, FC1); the
+*block* of a matrix is the module path up to its layer index (``h.3``, ``model.layers.3``);
+the *attention* module of a block is the deepest module holding all its q/k/v/qkv and o
+matrices, its *MLP* the deepest holding all its up/gate/down matrices.  Embeddings and the
+head are the modules holding those roles (a tied head keeps its own role).  *Norms* are the
+modules holding a norm-role parameter, or named ``*Norm`` by class, and fused norm+linear
+modules.  The FFN's input x′ (Takase's σx′) is read at the block's last direct-child norm (the
+pre-FFN norm of pre-LN blocks) or, for a fused MLP with its own norm, at the MLP's input.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from sentinel.roles import BLOCK_ROLES, RoleMap
+
+__all__ = ["OUTPUT_ROLE", "ProbePlan", "make_plan"]
+
+#: matrix role -> the output role of the linear (QKV, Proj, FC1, FC2), in precedence order
+OUTPUT_ROLE = {
+    "down": "FC2",
+    "o": "Proj",
+    "qkv": "QKV",
+    "q": "QKV",
+    "k": "QKV",
+    "v": "QKV",
+    "gate_up": "FC1",
+    "up": "FC1",
+    "gate": "FC1",
+}
+_ATTN_ROLES = ("q", "k", "v", "qkv", "o")
+_MLP_ROLES = ("up", "gate", "gate_up", "down")
+_BLOCK = re.compile(r"^(.*?\d+)\.")
+
+
+@dataclass
+class BlockPlan:
+    name: str
+    attention: str | None = None
+    mlp: str | None = None
+    ffn_input: str | None = None  # module whose input is x'
+    qkv: list[str] = field(default_factory=list)  # parameter names
+    o: list[str] = field(default_factory=list)
+    fc1: list[str] = field(default_factory=list)
+    fc2: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ProbePlan:
+    linears: dict[str, str]  # module -> output role
+    blocks: dict[str, BlockPlan]
+    attentions: dict[str, str]  # attention module -> block
+    embeddings: list[str]
+    norms: list[str]
+    heads: list[str]
+    d_model: int | None
+    d_ffn: int | None
+    n_heads: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _role_of(rm: RoleMap, name: str) -> str | None:
+    pr = rm.get(name)
+    if pr is None:
+        return None
+    if name in pr.aliases:
+        own = pr.alias_roles[pr.aliases.index(name)]
+        return own or pr.role
+    return pr.role
+
+
+def _common(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
+
+
+def _is_norm_class(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or type(module).__name__.endswith("Norm")
+
+
+def make_plan(model: torch.nn.Module, rm: RoleMap) -> ProbePlan:
+    """The modules to probe in ``model``, from its role map ``rm``."""
+    modules = dict(model.named_modules())
+    linear_roles: dict[str, set[str]] = {}
+    blocks: dict[str, BlockPlan] = {}
+    embeddings, heads, norm_set = [], [], set()
+    notes: list[str] = []
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        role = _role_of(rm, pname)
+        mod = pname.rpartition(".")[0]
+        if role is None or mod not in modules:
+            continue
+        if role == "norm":
+            norm_set.add(mod)
+        elif role in ("embedding", "pos_embedding") and mod not in embeddings:
+            embeddings.append(mod)
+        elif role == "head" and mod not in heads:
+            heads.append(mod)
+        elif role in BLOCK_ROLES and p.dim() >= 2:
+            linear_roles.setdefault(mod, set()).add(role)
+            m = _BLOCK.match(pname)
+            if m is None or m.group(1) not in modules:
+                continue
+            b = blocks.setdefault(m.group(1), BlockPlan(m.group(1)))
+            group = {"o": b.o, "down": b.fc2}.get(role, b.qkv if role in _ATTN_ROLES else b.fc1)
+            group.append(pname)
+    for name, module in modules.items():
+        if name and _is_norm_class(module) and not any(True for _ in module.children()):
+            norm_set.add(name)
+    linears = {}
+    for mod, roles in linear_roles.items():
+        linears[mod] = next(OUTPUT_ROLE[r] for r in OUTPUT_ROLE if r in roles)
+    attentions = {}
+    for b in blocks.values():
+        attn = [n.rpartition(".")[0] for n in b.qkv + b.o]
+        if b.qkv and b.o:
+            b.attention = _common(attn)
+            if b.attention in modules and b.attention.startswith(b.name):
+                attentions[b.attention] = b.name
+            else:
+                b.attention = None
+        mlp = [n.rpartition(".")[0] for n in b.fc1 + b.fc2]
+        if b.fc1 and b.fc2:
+            b.mlp = _common(mlp) if _common(mlp) in modules else None
+        if b.mlp is not None and b.mlp in norm_set:
+            b.ffn_input = b.mlp
+        else:
+            direct = [n for n in modules if n.rpartition(".")[0] == b.name and n in norm_set]
+            if len(direct) >= 2:
+                b.ffn_input = direct[-1]
+        if b.attention is None or b.ffn_input is None:
+            notes.append(f"{b.name}: attention module {b.attention}, FFN input {b.ffn_input}")
+    order = {name: i for i, name in enumerate(modules)}
+    return ProbePlan(
+        linears=dict(sorted(linears.items(), key=lambda kv: order[kv[0]])),
+        blocks=dict(sorted(blocks.items(), key=lambda kv: order[kv[0]])),
+        attentions=dict(sorted(attentions.items(), key=lambda kv: order[kv[0]])),
+        embeddings=sorted(embeddings, key=order.__getitem__),
+        norms=sorted(norm_set, key=order.__getitem__),
+        heads=sorted(heads, key=order.__getitem__),
+        d_model=rm.d_model,
+        d_ffn=rm.d_ffn,
+        n_heads=rm.n_heads,
+        notes=notes,
+    )
