@@ -26,12 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from agent.commands import Ack, Command, CommandError, Hello, decode
 from agent.config import CommandsConfig, bind_endpoint
 from agent.events import EventLog
-from agent.keys import HANDSHAKE_EVENTS, CurveAuthenticator, load_secret
+from agent.keys import HANDSHAKE_EVENTS, CurveAuthenticator, failed_handshakes, load_secret
 from agent.receive import RateLimiter, clean
 from agent.socket_thread import SocketThread
 
@@ -228,18 +227,11 @@ class CommandServer(SocketThread):
 
     def _drain_monitor(self) -> None:
         assert self._monitor is not None
-        for _ in range(100):
-            try:
-                event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            text = HANDSHAKE_EVENTS.get(event["event"])
-            if text is None:
-                continue
+        for text, code in failed_handshakes(self._monitor):
             with self._lock:
                 self._stats.handshake_failures += 1
             if self.limiter.allow("handshake"):
-                logger.warning("command channel: %s (code %s)", text, event.get("value"))
+                logger.warning("command channel: %s (code %s)", text, code)
 
     def _drain(self) -> None:
         assert self._sock is not None

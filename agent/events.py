@@ -20,7 +20,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -122,8 +122,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_events(path: str | Path) -> Iterator[dict]:
-    """The records of an events file, oldest first; unreadable lines are skipped with a warning."""
+def read_events(path: str | Path, on_skip: Callable[[str], None] | None = None) -> Iterator[dict]:
+    """The records of an events file, oldest first; an unreadable line is skipped and described
+    to ``on_skip`` (default: a warning in the log)."""
+    skip = on_skip or logger.warning
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if not raw.strip():
@@ -131,9 +133,9 @@ def read_events(path: str | Path) -> Iterator[dict]:
             try:
                 rec = json.loads(raw)
             except (ValueError, UnicodeDecodeError):
-                logger.warning("%s:%d: skipping a line that is not JSON (cut short by a crash?)", path, number)
+                skip(f"{path}:{number}: not JSON (a line cut short by a crash?), left out")
                 continue
             if isinstance(rec, dict) and rec.get("v") == EVENTS_VERSION and isinstance(rec.get("type"), str):
                 yield rec
             else:
-                logger.warning("%s:%d: skipping a record of unknown version or type", path, number)
+                skip(f"{path}:{number}: not an event record of version {EVENTS_VERSION}, left out")

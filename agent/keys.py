@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 logger = logging.getLogger("sentinel.agent")
 
@@ -119,3 +120,15 @@ class CurveAuthenticator(ThreadAuthenticator):
                     self.setting,
                 )
         super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+
+def failed_handshakes(monitor: zmq.Socket, limit: int = 100) -> Iterator[tuple[str, object]]:
+    """(description, code) of each failed security handshake waiting on a socket monitor, at most ``limit``."""
+    for _ in range(limit):
+        try:
+            event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        text = HANDSHAKE_EVENTS.get(event["event"])
+        if text is not None:
+            yield text, event.get("value")

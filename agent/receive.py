@@ -20,12 +20,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import zmq
 from prometheus_client.core import CounterMetricFamily, Metric
-from zmq.utils.monitor import recv_monitor_message
 
 from agent import protocol
 from agent.config import AgentConfig, bind_endpoint
 from agent.history import PushResult, SeriesKey
-from agent.keys import HANDSHAKE_EVENTS, CurveAuthenticator, load_secret
+from agent.keys import HANDSHAKE_EVENTS, CurveAuthenticator, failed_handshakes, load_secret
 from agent.protocol import ProtocolError, StatsMessage
 from agent.socket_thread import SocketThread
 from agent.state import AgentState
@@ -189,17 +188,10 @@ class Receiver(SocketThread):
 
     def _drain_monitor(self) -> None:
         assert self._monitor is not None
-        for _ in range(100):
-            try:
-                event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            text = HANDSHAKE_EVENTS.get(event["event"])
-            if text is None:
-                continue
+        for text, code in failed_handshakes(self._monitor):
             self.handshake_failures += 1
             if self.limiter.allow("handshake"):
-                logger.warning("statistics channel: %s (code %s)", text, event.get("value"))
+                logger.warning("statistics channel: %s (code %s)", text, code)
 
     def collect(self) -> list[Metric]:
         """The statistics channel's security counters, for the agent's registry."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.events import EVENTS_VERSION
+from agent.events import EVENTS_VERSION, read_events
 from agent.recording import FORMAT, RecordingError, read_recording
 
 KEPT_STATS = ("update_ratio", "adam_eps", "wesar_gate", "out_rms", "attn_logit_max")
@@ -183,23 +183,11 @@ def _recording_order(paths: list[Path]) -> list[list[Path]]:
 
 
 def read_events_tolerant(path: Path, data: ReportInput) -> list[dict]:
-    out = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                data.skipped_lines += 1
-                data.note(f"{path}:{number}: not JSON (a line cut short?), left out")
-                continue
-            if isinstance(rec, dict) and rec.get("v") == EVENTS_VERSION and isinstance(rec.get("type"), str):
-                out.append(rec)
-            else:
-                data.skipped_lines += 1
-                data.note(f"{path}:{number}: not an event record of version {EVENTS_VERSION}, left out")
-    return out
+    def skipped(why: str) -> None:
+        data.skipped_lines += 1
+        data.note(why)
+
+    return list(read_events(path, on_skip=skipped))
 
 
 def load(paths: Iterable[str | Path], *, run: str | None = None) -> ReportInput:
