@@ -30,7 +30,7 @@ import zmq
 from agent.commands import Ack, Command, CommandError, Hello, decode
 from agent.config import CommandsConfig, bind_endpoint
 from agent.events import EventLog
-from agent.keys import HANDSHAKE_EVENTS, CurveAuthenticator, failed_handshakes, load_secret
+from agent.keys import failed_handshakes
 from agent.receive import RateLimiter, clean
 from agent.socket_thread import SocketThread
 
@@ -93,8 +93,6 @@ class CommandServer(SocketThread):
         self.poll_ms = poll_ms
         self.limiter = limiter or RateLimiter()
         super().__init__(context)
-        self._monitor: zmq.Socket | None = None
-        self._auth: CurveAuthenticator | None = None
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._done: OrderedDict[str, None] = OrderedDict()
@@ -114,33 +112,9 @@ class CommandServer(SocketThread):
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, 4 * 64 * 1024)
         endpoint = bind_endpoint(self.cfg.endpoint)
-        if endpoint.startswith("tcp://["):
-            sock.setsockopt(zmq.IPV6, 1)
-        try:
-            curve = self.cfg.curve
-            if curve.secret_file:
-                public, secret = load_secret(curve.secret_file)
-                self._auth = CurveAuthenticator(
-                    self._context, channel="command", setting="commands.curve.authorized_dir"
-                ).start_for(str(curve.authorized_dir))
-                sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
-            self._monitor = sock.get_monitor_socket(sum(HANDSHAKE_EVENTS))
-            sock.bind(endpoint)
-        except (zmq.ZMQError, OSError, ValueError):
-            self._release()
-            sock.close(linger=0)
-            raise
-        self._sock = sock
-        self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        return self._endpoint
-
-    def _release(self) -> None:
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
+        return self._bind_secured(
+            sock, endpoint, self.cfg.curve, channel="command", setting="commands.curve.authorized_dir"
+        )
 
     # -- API used by the supervisor (any thread) --------------------------------------------------
 

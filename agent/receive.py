@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from agent import protocol
 from agent.config import AgentConfig, bind_endpoint
 from agent.history import PushResult, SeriesKey
-from agent.keys import HANDSHAKE_EVENTS, CurveAuthenticator, failed_handshakes, load_secret
+from agent.keys import failed_handshakes
 from agent.protocol import ProtocolError, StatsMessage
 from agent.socket_thread import SocketThread
 from agent.state import AgentState
@@ -117,8 +117,6 @@ class Receiver(SocketThread):
         self.limiter = limiter or RateLimiter()
         super().__init__(context)
         self._layouts: dict[str, protocol.Layout] = {}
-        self._monitor: zmq.Socket | None = None
-        self._auth: CurveAuthenticator | None = None
         self.handshake_failures = 0
 
     @property
@@ -135,35 +133,14 @@ class Receiver(SocketThread):
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_bytes)
-        if endpoint.startswith("tcp://["):
-            sock.setsockopt(zmq.IPV6, 1)
-        try:
-            curve = self.config.stats_curve
-            if curve.secret_file:
-                public, secret = load_secret(curve.secret_file)
-                self._auth = CurveAuthenticator(
-                    self._context,
-                    channel="statistics",
-                    setting="stats_curve.authorized_dir",
-                    allow_log=RateLimiter().allow,
-                ).start_for(str(curve.authorized_dir))
-                sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
-            self._monitor = sock.get_monitor_socket(sum(HANDSHAKE_EVENTS))
-            sock.bind(endpoint)
-        except (zmq.ZMQError, OSError, ValueError):
-            self._release()
-            sock.close(linger=0)
-            raise
-        self._sock = sock
-        self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        return self._endpoint
-
-    def _release(self) -> None:
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
-        if self._auth is not None:
-            self._auth.stop()
+        return self._bind_secured(
+            sock,
+            endpoint,
+            self.config.stats_curve,
+            channel="statistics",
+            setting="stats_curve.authorized_dir",
+            allow_log=RateLimiter().allow,
+        )
 
     def _run(self) -> None:
         assert self._sock is not None

@@ -1,8 +1,8 @@
 """A ZeroMQ socket drained by a thread of its own: the lifecycle the receiver and the command server share.
 
-Subclasses bind the socket (``bind``), run the loop (``_run``, returning once ``_stop`` is set)
-and release what else they hold (``_release``).  ``stop`` is safe to call twice and never
-closes a socket its thread may still be using.
+Subclasses bind the socket (``bind``, usually through ``_bind_secured``: CURVE when configured,
+and a monitor for failed handshakes) and run the loop (``_run``, returning once ``_stop`` is
+set).  ``stop`` is safe to call twice and never closes a socket its thread may still be using.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from typing import Any
 
 import zmq
+
+from agent.keys import HANDSHAKE_EVENTS, CurveAuthenticator, load_secret
 
 logger = logging.getLogger("sentinel.agent")
 
@@ -27,6 +30,8 @@ class SocketThread:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
+        self._monitor: zmq.Socket | None = None
+        self._auth: CurveAuthenticator | None = None
 
     @property
     def endpoint(self) -> str | None:
@@ -43,8 +48,35 @@ class SocketThread:
     def _run(self) -> None:
         raise NotImplementedError
 
+    def _bind_secured(self, sock: zmq.Socket, endpoint: str, curve: Any, **auth: Any) -> str:
+        """Bind ``sock``: a CURVE server admitting ``curve.authorized_dir`` when ``curve.secret_file``
+        is set (``auth`` words the authenticator's log lines), and always a handshake monitor.
+        On failure everything is released and the socket closed; returns the bound endpoint."""
+        if endpoint.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        try:
+            if curve.secret_file:
+                public, secret = load_secret(curve.secret_file)
+                self._auth = CurveAuthenticator(self._context, **auth).start_for(str(curve.authorized_dir))
+                sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
+            self._monitor = sock.get_monitor_socket(sum(HANDSHAKE_EVENTS))
+            sock.bind(endpoint)
+        except (zmq.ZMQError, OSError, ValueError):
+            self._release()
+            sock.close(linger=0)
+            raise
+        self._sock = sock
+        self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self._endpoint
+
     def _release(self) -> None:
-        """Close what the subclass holds besides its socket (monitors, authenticators)."""
+        """Close the monitor and stop the authenticator."""
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     def start(self) -> None:
         """Start the thread (binds first if needed)."""
