@@ -30,7 +30,6 @@ import zmq
 from agent.commands import Ack, Command, CommandError, Hello, decode
 from agent.config import CommandsConfig, bind_endpoint
 from agent.events import EventLog
-from agent.keys import failed_handshakes
 from agent.receive import RateLimiter, clean
 from agent.socket_thread import SocketThread
 
@@ -76,6 +75,7 @@ class CommandServer(SocketThread):
     """Binds the ROUTER socket and delivers commands from its own thread."""
 
     thread_name = "sentinel-commands"
+    channel = "command"
 
     def __init__(
         self,
@@ -163,7 +163,7 @@ class CommandServer(SocketThread):
                 dict(s.rejected),
                 s.undeliverable,
                 s.expired,
-                s.handshake_failures,
+                self.handshake_failures,
                 self._auth.refused if self._auth is not None else s.refused_keys,
                 len(self._pending),
                 len(self._peers),
@@ -176,36 +176,9 @@ class CommandServer(SocketThread):
 
     # -- the thread ------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        assert self._sock is not None
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
-        while not self._stop.is_set():
-            try:
-                ready = dict(poller.poll(self.poll_ms))
-                if self._monitor is not None and self._monitor in ready:
-                    self._drain_monitor()
-                if self._sock in ready:
-                    self._drain()
-                self._take_inbox()
-                self._send_due()
-                self.limiter.flush()
-            except zmq.ContextTerminated:
-                break
-            except Exception:
-                if self.limiter.allow("command_server"):
-                    logger.exception("command server loop error; continuing")
-                time.sleep(0.1)
-
-    def _drain_monitor(self) -> None:
-        assert self._monitor is not None
-        for text, code in failed_handshakes(self._monitor):
-            with self._lock:
-                self._stats.handshake_failures += 1
-            if self.limiter.allow("handshake"):
-                logger.warning("command channel: %s (code %s)", text, code)
+    def _tick(self) -> None:
+        self._take_inbox()
+        self._send_due()
 
     def _drain(self) -> None:
         assert self._sock is not None

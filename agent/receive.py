@@ -24,7 +24,6 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from agent import protocol
 from agent.config import AgentConfig, bind_endpoint
 from agent.history import PushResult, SeriesKey
-from agent.keys import failed_handshakes
 from agent.protocol import ProtocolError, StatsMessage
 from agent.socket_thread import SocketThread
 from agent.state import AgentState
@@ -97,6 +96,7 @@ class Receiver(SocketThread):
     """Binds the PULL socket and records every message into ``state`` from its own thread."""
 
     thread_name = "sentinel-receiver"
+    channel = "statistics"
 
     def __init__(
         self,
@@ -117,7 +117,6 @@ class Receiver(SocketThread):
         self.limiter = limiter or RateLimiter()
         super().__init__(context)
         self._layouts: dict[str, protocol.Layout] = {}
-        self.handshake_failures = 0
 
     @property
     def refused_keys(self) -> int:
@@ -141,34 +140,6 @@ class Receiver(SocketThread):
             setting="stats_curve.authorized_dir",
             allow_log=RateLimiter().allow,
         )
-
-    def _run(self) -> None:
-        assert self._sock is not None
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
-        while not self._stop.is_set():
-            try:
-                ready = dict(poller.poll(self.poll_ms))
-                if self._monitor is not None and self._monitor in ready:
-                    self._drain_monitor()
-                if self._sock in ready:
-                    self._drain()
-                self.limiter.flush()
-            except zmq.ContextTerminated:
-                break
-            except Exception:
-                if self.limiter.allow("receiver"):
-                    logger.exception("receiver loop error; continuing")
-                time.sleep(0.1)
-
-    def _drain_monitor(self) -> None:
-        assert self._monitor is not None
-        for text, code in failed_handshakes(self._monitor):
-            self.handshake_failures += 1
-            if self.limiter.allow("handshake"):
-                logger.warning("statistics channel: %s (code %s)", text, code)
 
     def collect(self) -> list[Metric]:
         """The statistics channel's security counters, for the agent's registry."""

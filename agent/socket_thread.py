@@ -1,8 +1,10 @@
 """A ZeroMQ socket drained by a thread of its own: the lifecycle the receiver and the command server share.
 
 Subclasses bind the socket (``bind``, usually through ``_bind_secured``: CURVE when configured,
-and a monitor for failed handshakes) and run the loop (``_run``, returning once ``_stop`` is
-set).  ``stop`` is safe to call twice and never closes a socket its thread may still be using.
+and a monitor for failed handshakes), read what arrived (``_drain``) and may do periodic work
+(``_tick``); the loop itself, the handshake-failure count and its log lines are shared.  They
+set ``limiter`` (agent.receive.RateLimiter) and ``channel`` (words the log lines).  ``stop`` is
+safe to call twice and never closes a socket its thread may still be using.
 """
 
 from __future__ import annotations
@@ -10,17 +12,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from typing import Any
 
 import zmq
 
-from agent.keys import HANDSHAKE_EVENTS, CurveAuthenticator, load_secret
+from agent.keys import HANDSHAKE_EVENTS, CurveAuthenticator, failed_handshakes, load_secret
 
 logger = logging.getLogger("sentinel.agent")
 
 
 class SocketThread:
     thread_name = "sentinel-socket"
+    channel = "socket"
+    limiter: Any
 
     def __init__(self, context: zmq.Context | None):
         self._own_context = context is None
@@ -32,6 +37,7 @@ class SocketThread:
         self._closed = False
         self._monitor: zmq.Socket | None = None
         self._auth: CurveAuthenticator | None = None
+        self.handshake_failures = 0
 
     @property
     def endpoint(self) -> str | None:
@@ -45,8 +51,41 @@ class SocketThread:
     def bind(self) -> str:
         raise NotImplementedError
 
-    def _run(self) -> None:
+    def _drain(self) -> None:
+        """Read what is waiting on the socket, without blocking."""
         raise NotImplementedError
+
+    def _tick(self) -> None:
+        """Periodic work after each poll (at least every ``poll_ms``)."""
+
+    def _run(self) -> None:
+        assert self._sock is not None
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                ready = dict(poller.poll(self.poll_ms))
+                if self._monitor is not None and self._monitor in ready:
+                    self._drain_monitor()
+                if self._sock in ready:
+                    self._drain()
+                self._tick()
+                self.limiter.flush()
+            except zmq.ContextTerminated:
+                break
+            except Exception:
+                if self.limiter.allow(self.thread_name):
+                    logger.exception("%s loop error; continuing", self.thread_name)
+                time.sleep(0.1)
+
+    def _drain_monitor(self) -> None:
+        assert self._monitor is not None
+        for text, code in failed_handshakes(self._monitor):
+            self.handshake_failures += 1
+            if self.limiter.allow("handshake"):
+                logger.warning("%s channel: %s (code %s)", self.channel, text, code)
 
     def _bind_secured(self, sock: zmq.Socket, endpoint: str, curve: Any, **auth: Any) -> str:
         """Bind ``sock``: a CURVE server admitting ``curve.authorized_dir`` when ``curve.secret_file``
