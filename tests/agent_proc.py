@@ -9,17 +9,68 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import protocol
 from agent.spawn import AgentProcess
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(cmd: list[str], ready_url: str, log: Path, timeout: float = 30.0) -> subprocess.Popen:
+    """Start a server process and return once ``ready_url`` answers 2xx; fails the test with its log if not."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fetch(ready_url)
+            return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{cmd[0]} did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def start_prometheus(workdir: Path, targets: Sequence[str], **config: object) -> tuple[subprocess.Popen, str]:
+    """Debian's Prometheus on loopback scraping ``targets`` (job ``sentinel-agent``) every second,
+    with ``config`` added to its configuration (``rule_files``, ``alerting``...); (process, URL)."""
+    cfg = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        **config,
+        "scrape_configs": [{"job_name": "sentinel-agent", "static_configs": [{"targets": list(targets)}]}],
+    }
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    proc = serve(
+        [
+            require_binary("prometheus"),
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        f"http://127.0.0.1:{port}/-/ready",
+        workdir / "prometheus.log",
+    )
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def require_binary(name: str) -> str:

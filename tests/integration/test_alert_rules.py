@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from agent_proc import Pusher, fetch, make_frames, require_binary
+from agent_proc import Pusher, fetch, free_port, make_frames, require_binary, serve, start_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules" / "sentinel.rules.yml"
@@ -103,12 +102,6 @@ def test_unit_tests_notice_a_changed_rule(tmp_path: Path, alert: str, old: str, 
 # --- live: agent -> Prometheus (shipped rules) -> Alertmanager (shipped routes) -> webhook --------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Webhook:
     """A loopback HTTP server standing in for the pager and chat webhooks; keeps what it gets."""
 
@@ -138,22 +131,6 @@ class _Webhook:
         self.server.server_close()
 
 
-def _serve(cmd: list[str], ready_url: str, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            fetch(ready_url)
-            return proc
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{cmd[0]} did not start:\n{log.read_text()}")
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def alert_stack(tmp_path: Path, running_agent) -> Iterator[tuple[object, str, _Webhook]]:
     """Real Alertmanager with the shipped routes (webhook URLs pointed at a local server, waits
@@ -165,8 +142,8 @@ def alert_stack(tmp_path: Path, running_agent) -> Iterator[tuple[object, str, _W
             hook["url"] = f"{webhook.url}/{receiver['name']}"
     am_cfg["route"].update(group_wait="0s", group_interval="1s")
     (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(am_cfg))
-    am_port, prom_port = _free_port(), _free_port()
-    am = _serve(
+    am_port = free_port()
+    am = serve(
         [
             require_binary("prometheus-alertmanager"),
             f"--config.file={tmp_path / 'alertmanager.yml'}",
@@ -180,26 +157,14 @@ def alert_stack(tmp_path: Path, running_agent) -> Iterator[tuple[object, str, _W
     procs = [am]
     try:
         target = urllib.parse.urlparse(running_agent.metrics_url).netloc
-        prom_cfg = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)],
-            "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
-            "scrape_configs": [{"job_name": "sentinel-agent", "static_configs": [{"targets": [target]}]}],
-        }
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom_cfg))
-        procs.append(
-            _serve(
-                [
-                    require_binary("prometheus"),
-                    f"--config.file={tmp_path / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{prom_port}",
-                ],
-                f"http://127.0.0.1:{prom_port}/-/ready",
-                tmp_path / "prometheus.log",
-            )
+        prom, url = start_prometheus(
+            tmp_path,
+            [target],
+            rule_files=[str(RULES)],
+            alerting={"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
         )
-        yield running_agent, f"http://127.0.0.1:{prom_port}", webhook
+        procs.append(prom)
+        yield running_agent, url, webhook
     finally:
         for proc in reversed(procs):
             proc.terminate()

@@ -8,7 +8,6 @@ with a scrape config pointing at the agent.
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -17,15 +16,9 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from agent_proc import fetch, require_binary
+from agent_proc import fetch, start_prometheus
 
 TRAINER = str(Path(__file__).resolve().parents[1] / "trainer_proc.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(tmp_path: Path, endpoint: str, run: str, **kwargs: object) -> subprocess.Popen:
@@ -47,41 +40,11 @@ def _report(proc: subprocess.Popen, timeout: float = 120) -> dict:
 @pytest.fixture
 def prometheus(tmp_path: Path, running_agent):
     """A real Prometheus server on loopback scraping the running agent every second."""
-    binary = require_binary("prometheus")
-    port = _free_port()
     target = urllib.parse.urlparse(running_agent.metrics_url).netloc
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: sentinel-agent\n    static_configs: [{{targets: ['{target}']}}]\n"
-    )
-    with open(tmp_path / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if "Ready" in fetch(url + "/-/ready"):
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("prometheus did not start:\n" + (tmp_path / "prometheus.log").read_text())
-            time.sleep(0.2)
-        yield url
-        proc.terminate()
-        proc.wait(10)
+    proc, url = start_prometheus(tmp_path, [target])
+    yield url
+    proc.terminate()
+    proc.wait(10)
 
 
 def _query(prom: str, promql: str) -> list[dict]:

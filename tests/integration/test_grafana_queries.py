@@ -14,7 +14,6 @@ as instant queries and must be valid PromQL.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from agent_proc import fetch, parse_metrics, require_binary
+from agent_proc import fetch, parse_metrics, require_binary, start_prometheus
 from sentinel.examples.tiny_gpt import GPT, BadRegion, GPTConfig, Windows, stdlib_corpus
 
 import sentinel
@@ -48,12 +47,6 @@ AGENT_CONFIG = {
     "policy": {"rules": [{"detector": "*", "severity": "warning", "action": "warn", "args": {}}]},
 }
 MIN_SECONDS = 6.0  # several scrapes at 1 s, so rate() and increase() see more than one sample
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _api(prom: str, path: str, **params: str) -> dict:
@@ -106,39 +99,12 @@ def _train(agent: AgentProcess) -> None:
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory: pytest.TempPathFactory):
     """(Prometheus URL, start, end) once a training run's metrics have been scraped."""
-    binary = require_binary("prometheus")
     tmp = tmp_path_factory.mktemp("grafana-queries")
     torch.set_num_threads(1)
     with AgentProcess(tmp / "agent", config=AGENT_CONFIG) as agent:
-        port = _free_port()
         target = urllib.parse.urlparse(agent.metrics_url).netloc
-        (tmp / "prometheus.yml").write_text(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            f"scrape_configs:\n  - job_name: sentinel-agent\n    static_configs: [{{targets: ['{target}']}}]\n"
-        )
-        with open(tmp / "prometheus.log", "wb") as log:
-            prom = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={tmp / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={tmp / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        url = f"http://127.0.0.1:{port}"
+        prom, url = start_prometheus(tmp, [target])
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if "Ready" in fetch(url + "/-/ready"):
-                        break
-                except OSError:
-                    pass
-                if prom.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("prometheus did not start:\n" + (tmp / "prometheus.log").read_text())
-                time.sleep(0.2)
             start = time.time()
             _train(agent)
             time.sleep(0.5)  # the last messages reach the agent
