@@ -51,6 +51,20 @@ MAX_OPEN_FILES = 16
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+_ROTATED = re.compile(r"^(?P<stem>stats-.+?)(?:\.(?P<index>\d+))?\.jsonl$")
+
+
+def rotation_sets(paths: Iterable[str | Path]) -> dict[tuple[Path, str], list[Path]]:
+    """Recording files grouped per run, keyed by (directory, file stem), each group oldest first
+    (``stats-r.2.jsonl``, ``stats-r.1.jsonl``, ``stats-r.jsonl``); a name outside the scheme is a group of its own."""
+    sets: dict[tuple[Path, str], list[tuple[int, Path]]] = {}
+    for path in map(Path, paths):
+        m = _ROTATED.match(path.name)
+        key = (path.parent, m["stem"] if m else path.name)
+        sets.setdefault(key, []).append((int(m["index"] or 0) if m else 0, path))
+    return {key: [p for _, p in sorted(files, key=lambda f: -f[0])] for key, files in sets.items()}
+
+
 def file_stem(run: str) -> str:
     """``stats-<run>`` with characters other than letters, digits, ``._-`` replaced by ``_``;
     names that had to change (or are long) get 8 hex digits of their hash appended.  A name

@@ -12,38 +12,29 @@ so nothing already acted on is decided again.
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections import defaultdict, deque
+from collections import deque
 from pathlib import Path
 
-from agent.recording import Recorded, RecordingError, read_recording
+from agent.recording import Recorded, RecordingError, read_recording, rotation_sets
 from agent.state import AgentState
 from agent.supervisor import Supervisor
 
 logger = logging.getLogger("sentinel.agent")
 
-_NAME = re.compile(r"^(?P<stem>stats-.+?)(?:\.(?P<index>\d+))?\.jsonl$")
-
 
 def recording_sets(directory: Path, max_age_seconds: float, now: float | None = None) -> dict[str, list[Path]]:
     """Recording files per file stem, oldest first, for stems whose newest file changed within the age limit."""
     now = time.time() if now is None else now
-    sets: dict[str, list[tuple[int, Path]]] = defaultdict(list)
-    for path in directory.glob("stats-*.jsonl") if directory.is_dir() else ():
-        m = _NAME.match(path.name)
-        if m:
-            sets[m["stem"]].append((int(m["index"] or 0), path))
+    found = directory.glob("stats-*.jsonl") if directory.is_dir() else ()
     out = {}
-    for stem, files in sets.items():
-        files.sort(key=lambda f: -f[0])
-        newest = files[-1][1]
+    for (_, stem), files in rotation_sets(found).items():
         try:
-            fresh = now - newest.stat().st_mtime <= max_age_seconds
+            fresh = now - files[-1].stat().st_mtime <= max_age_seconds
         except OSError:
             continue
         if fresh:
-            out[stem] = [p for _, p in files]
+            out[stem] = files
     return out
 
 

@@ -10,8 +10,6 @@ bounded size (``recording.max_file_bytes x recording.max_files`` per run).
 from __future__ import annotations
 
 import json
-import re
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from agent.events import EVENTS_VERSION, read_events
-from agent.recording import FORMAT, RecordingError, read_recording
+from agent.recording import FORMAT, RecordingError, read_recording, rotation_sets
 
 KEPT_STATS = ("update_ratio", "adam_eps", "wesar_gate", "out_rms", "attn_logit_max")
-_ROTATED = re.compile(r"^(?P<stem>stats-.+?)(?:\.(?P<index>\d+))?\.jsonl$")
 MAX_NOTES = 50
 
 
@@ -172,16 +169,6 @@ def _candidates(path: Path) -> list[Path]:
     return files
 
 
-def _recording_order(paths: list[Path]) -> list[list[Path]]:
-    """Rotated sets oldest first: stats-r.2.jsonl, stats-r.1.jsonl, stats-r.jsonl."""
-    sets: dict[tuple[Path, str], list[tuple[int, Path]]] = defaultdict(list)
-    for p in paths:
-        m = _ROTATED.match(p.name)
-        key = (p.parent, m["stem"]) if m else (p.parent, p.name)
-        sets[key].append((int(m["index"] or 0) if m else 0, p))
-    return [[p for _, p in sorted(files, key=lambda f: -f[0])] for files in sets.values()]
-
-
 def read_events_tolerant(path: Path, data: ReportInput) -> list[dict]:
     def skipped(why: str) -> None:
         data.skipped_lines += 1
@@ -213,7 +200,7 @@ def load(paths: Iterable[str | Path], *, run: str | None = None) -> ReportInput:
             data.note(f"{f}: empty, left out")
         else:
             data.note(f"{f}: neither an events file nor a statistics recording (first line unreadable), left out")
-    for group in _recording_order(recordings):
+    for group in rotation_sets(recordings).values():
         _load_recordings(group, data, run)
     for f in data.events_files:
         for rec in read_events_tolerant(f, data):
