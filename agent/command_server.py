@@ -312,11 +312,11 @@ class CommandServer(SocketThread):
         if p.undeliverable_logged:
             return
         p.undeliverable_logged = True
-        with self._lock:
-            self._stats.undeliverable += 1
         cmd = p.command
         logger.warning("command %s (%s) for run %s held: %s", cmd.id, cmd.action, clean(cmd.run), why)
         self._log_event({"type": "undeliverable", "id": cmd.id, "run": cmd.run, "action": cmd.action, "why": why})
+        with self._lock:  # counted once its evidence is logged, so a reader of the count finds the record
+            self._stats.undeliverable += 1
 
     def _log_event(self, record: dict) -> None:
         try:
