@@ -39,7 +39,7 @@ import numpy as np
 
 from agent.events import plain
 from agent.history import SeriesHistory, StatWindow
-from agent.protocol import StatsMessage
+from agent.protocol import Layout, StatsMessage
 from agent.typedconfig import option
 
 logger = logging.getLogger("sentinel.agent")
@@ -59,6 +59,7 @@ DETECTORS = (
 TREND_PREDICTORS = DETECTORS[3:]
 MAD_TO_SIGMA = 1.4826
 MAX_BASELINES = 65_536
+MAX_LAYOUTS = 64
 
 
 def severity_rank(severity: str | None) -> int:
@@ -131,6 +132,14 @@ class TrendConfig:
     )
     baseline_points: int = option(
         10, range=(1, 10_000), doc="Values whose median is a row's early baseline (out_rms, log Z, spread)."
+    )
+    every_steps: int = option(
+        20,
+        range=(1, 100_000),
+        doc="Refit the trend lines of a layout whose last fit found nothing once this many steps have passed "
+        "(1: on every message); a layout with a forecast is refitted on every message, and a value newly past "
+        "a predictor's limit refits at once, so only the first sight of a trend can come up to every_steps - 1 "
+        "steps late.",
     )
 
 
@@ -281,25 +290,30 @@ class SpikeDetector:
     def __init__(self, detector: str, statistic: str, cfg: SpikeConfig):
         self.detector, self.statistic, self.cfg = detector, statistic, cfg
         self.window: deque[tuple[int, float]] = deque(maxlen=cfg.window)
+        self._values: deque[float] = deque(maxlen=cfg.window)  # the window's values, for a fast np.array
         self.outliers: list[tuple[int, float]] = []
         self.episode: str | None = None
         self._ema_mean = self._ema_var = 0.0
         self._ema_n = 0
 
-    def _baseline(self) -> tuple[float, float, int] | None:
-        """(centre, sigma, values) or None during warm-up."""
+    def _centre(self) -> tuple[float, np.ndarray | None] | None:
+        """(centre, the window's values with method 'mad') or None during warm-up."""
         if self.cfg.method == "ema":
-            if self._ema_n < self.cfg.warmup:
-                return None
-            return self._ema_mean, math.sqrt(max(self._ema_var, 0.0)), self._ema_n
+            return None if self._ema_n < self.cfg.warmup else (self._ema_mean, None)
         if len(self.window) < min(self.cfg.warmup, self.cfg.window):
             return None
-        values = np.fromiter((v for _, v in self.window), dtype=np.float64, count=len(self.window))
-        centre = _median(values)
-        return centre, MAD_TO_SIGMA * _median(np.abs(values - centre)), len(values)
+        values = np.array(self._values, dtype=np.float64)
+        return _median(values), values
+
+    def _sigma(self, centre: float, values: np.ndarray | None) -> tuple[float, int]:
+        """(sigma, values it rests on) around ``centre``."""
+        if values is None:
+            return math.sqrt(max(self._ema_var, 0.0)), self._ema_n
+        return MAD_TO_SIGMA * _median(np.abs(values - centre)), len(values)
 
     def _accept(self, step: int, value: float) -> None:
         self.window.append((step, value))
+        self._values.append(value)
         if self.cfg.method == "ema":
             self._ema_n += 1
             if self._ema_n == 1:
@@ -321,15 +335,17 @@ class SpikeDetector:
             x = math.log(value)
         else:
             x = value
-        base = self._baseline()
+        base = self._centre()
         if base is None:
             self._accept(step, x)
             return None
-        centre, sigma, n = base
-        floor = 1e-12 * max(abs(centre), 1e-30)
-        z = (x - centre) / max(sigma, floor)
+        centre, values = base
         raw_centre = math.exp(centre) if self.cfg.log_scale else centre
         ratio = value / raw_centre if raw_centre > 0 else math.inf
+        z = sigma = 0.0
+        if ratio >= self.cfg.min_ratio:  # else no outlier whatever its z: the spread is not needed
+            sigma, n = self._sigma(centre, values)
+            z = (x - centre) / max(sigma, 1e-12 * max(abs(centre), 1e-30))
         centre = raw_centre
         if not (z >= self.cfg.z and ratio >= self.cfg.min_ratio):
             self._accept(step, x)
@@ -383,6 +399,7 @@ class SpikeDetector:
         """Forget values from steps at or after ``to_step`` (the trainer went back)."""
         kept = [(s, v) for s, v in self.window if s < to_step]
         self.window.clear()
+        self._values.clear()
         self._ema_n = 0
         self.outliers.clear()
         self.episode = None
@@ -402,16 +419,15 @@ def fit_lines(
     shape (n,); t = slope / standard error = sqrt(R² (n - 2) / (1 - R²)), inf for a perfect line.
     """
     xx = x.astype(np.float64)[:, None]
-    if ok.all():  # every cell usable: the same sums without the weights (x 1.0 is exact), far fewer temporaries
+    if ok.all():  # every cell usable: x is shared by every column, so Sxx is one number and Sxy a matrix product
         m, cols = y.shape
         n = np.full(cols, float(m))
-        safe_n = np.maximum(n, 1.0)
-        xm = np.broadcast_to(xx, y.shape).sum(axis=0) / safe_n
-        ym = y.sum(axis=0) / safe_n
-        dx1 = xx - xm[:1]
+        xm = np.full(cols, float(xx.mean()) if m else 0.0)
+        dx = xx[:, 0] - xm[:1]
+        ym = y.sum(axis=0) / max(m, 1)
         dy = y - ym
-        sxx = np.broadcast_to(dx1 * dx1, y.shape).sum(axis=0)
-        sxy, syy = (dx1 * dy).sum(axis=0), (dy * dy).sum(axis=0)
+        sxx = np.full(cols, float(dx @ dx))
+        sxy, syy = dx @ dy, np.einsum("ij,ij->j", dy, dy)
     else:
         w = ok.astype(np.float64)
         y = np.where(ok, y, 0.0)
@@ -501,7 +517,16 @@ class Baselines:
 
 
 class TrendPredictors:
-    """Every trend predictor of one run/rank; ``update`` returns their forecasts for the message."""
+    """Every trend predictor of one run/rank; ``update`` returns their forecasts for the message.
+
+    A least-squares fit over a window of 1,000 tensors costs several times more than taking in the
+    message, and while nothing trends there is nothing for a fit to follow closely, so a quiet
+    layout is refitted every ``trend.every_steps`` steps.  A layout whose last fit found a
+    forecast is refitted on every message, so a trend's ETA warning comes at its step once the
+    trend has been seen.  What cannot wait is checked on every message at the cost of a
+    comparison per row: a value newly past its limit (``_newly_past``) refits at once, so a
+    critical detection is never late.
+    """
 
     def __init__(self, cfg: PredictConfig):
         self.cfg = cfg
@@ -511,25 +536,79 @@ class TrendPredictors:
         self._logs = {name: LogRows() for name in ("attn_logit", "out_rms", "update_ratio", "adam_eps")}
         self._excluded_key: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self._excluded_mask = np.zeros(0, dtype=bool)
+        self._fitted_at: dict[Layout, int] = {}
+        self._trending: set[Layout] = set()  # layouts whose last fit gave a forecast: refitted on every message
+        self._out_rms_base: dict[tuple[str, ...], np.ndarray] = {}
+        self._spread_matrices = 0
 
-    def update(self, msg: StatsMessage, series: SeriesHistory) -> list[Forecast]:
+    def update(self, msg: StatsMessage, series: SeriesHistory) -> list[Forecast] | None:
+        """Forecasts of the predictors this message's layout feeds; None when no refit was due
+        (the forecasts of its last fit stand)."""
         c = self.cfg
         stats, scalars = set(msg.layout.stats), set(msg.layout.scalars)
         if msg.step < c.trend.warmup_steps:
             return []
+        spread = self._track_spread(msg) if c.update_ratio.enabled and "update_ratio" in stats else None
+        last = self._fitted_at.get(msg.layout)
+        due = last is None or msg.layout in self._trending or not last < msg.step < last + c.trend.every_steps
+        if not due and not self._newly_past(msg, spread):
+            return None
+        if len(self._fitted_at) >= MAX_LAYOUTS and msg.layout not in self._fitted_at:
+            self._fitted_at.clear()
+            self._trending.clear()
+            self._out_rms_base.clear()
         out: list[Forecast] = []
         if c.attn_logit.enabled and "attn_logit_max" in stats:
             out += self._attn_logit(msg, series)
         if c.out_rms.enabled and "out_rms" in stats:
             out += self._out_rms(msg, series)
-        if c.update_ratio.enabled and "update_ratio" in stats:
+        if spread is not None:
             out += self._update_ratio(msg, series)
-            out += self._update_spread(msg)
+            out += self._update_spread(spread)
         if c.adam_eps.enabled and ({"sqrt_v_rms", "grad_rms"} & stats):
             out += self._adam_eps(msg, series)
         if c.log_z.enabled and ({"log_z_max"} & stats or {"log_z_mean", "log_z_max"} & scalars):
             out += self._log_z(msg, series)
+        self._fitted_at[msg.layout] = msg.step
+        (self._trending.add if out else self._trending.discard)(msg.layout)
         return out
+
+    def rewind(self) -> None:
+        """The trainer went back: refit on the next message of every layout."""
+        self._fitted_at.clear()
+        self._trending.clear()
+
+    def _newly_past(self, msg: StatsMessage, spread: tuple[float, float | None] | None) -> bool:
+        """Whether a value of this message is past its predictor's limit (new: the layout's last
+        fit found nothing)."""
+        c, stats, m = self.cfg, msg.layout.stats, msg.matrix
+        past: list[np.ndarray] = []  # per predictor, its rows past the limit
+        if c.attn_logit.enabled and "attn_logit_max" in stats:
+            past.append(m[:, stats.index("attn_logit_max")] >= c.attn_logit.limit)
+        base = self._out_rms_base.get(msg.layout.tensors)
+        if c.out_rms.enabled and "out_rms" in stats and base is not None:
+            past.append(m[:, stats.index("out_rms")] >= c.out_rms.max_growth * base)
+        if spread is not None:
+            past.append(
+                (m[:, stats.index("update_ratio")] >= c.update_ratio.limit) & ~self._excluded(msg.layout.tensors)
+            )
+            value, start = spread
+            past.append(np.array([bool(start) and value / start >= c.update_ratio.max_spread_growth]))
+        stat = "sqrt_v_rms" if "sqrt_v_rms" in stats else "grad_rms"
+        if c.adam_eps.enabled and stat in stats:
+            v = m[:, stats.index(stat)]
+            past.append((v > 0) & (v <= self._eps(msg)))
+        if any(rows.any() for rows in past):
+            return True
+        if c.log_z.enabled:
+            values = [(n, msg.scalar(n)) for n in ("log_z_mean", "log_z_max") if n in msg.layout.scalars]
+            if "log_z_max" in stats:
+                values += zip(msg.layout.tensors, m[:, stats.index("log_z_max")].tolist(), strict=True)
+            for layer, value in values:
+                base = self.baselines.settled(("log_z", layer))
+                if base is not None and abs(value - base) >= c.log_z.max_drift:
+                    return True
+        return False
 
     # helpers
 
@@ -676,6 +755,7 @@ class TrendPredictors:
             base = np.array(
                 [self._baseline("out_rms", t, w.steps, w.values[:, r]) or np.nan for r, t in enumerate(w.tensors)]
             )
+            self._out_rms_base[w.tensors] = base
             ok = np.isfinite(w.values) & (w.values > 0) & np.isfinite(base)[None, :] & (base > 0)[None, :]
             y = self._logs["out_rms"](w.steps, np.where(ok, w.values / np.where(base > 0, base, 1.0)[None, :], 1.0))
             lim = np.full(y.shape[1], math.log(grow))
@@ -736,21 +816,28 @@ class TrendPredictors:
                 out.append(f)
         return out
 
-    def _update_spread(self, msg: StatsMessage) -> list[Forecast]:
-        si = msg.layout.stats.index("update_ratio")
-        col = msg.matrix[:, si].astype(np.float64)
-        keep = np.isfinite(col) & (col > 0) & ~self._excluded(msg.layout.tensors)
-        if keep.sum() < 4:
-            return []
-        rows = np.flatnonzero(keep)
-        vals = col[rows]
-        spread = float(vals.max() / np.median(vals))
+    def _track_spread(self, msg: StatsMessage) -> tuple[float, float | None]:
+        """Append this message's update-ratio spread (max / median over the matrices) to its
+        window, on every message; returns (spread, its early baseline or None)."""
+        col = msg.matrix[:, msg.layout.stats.index("update_ratio")]
+        with np.errstate(invalid="ignore"):
+            keep = (col > 0) & (col < np.inf) & ~self._excluded(msg.layout.tensors)
+        vals = col[keep].astype(np.float64)
+        if len(vals) < 4:
+            return math.nan, None
+        top = int(vals.argmax())
+        spread = float(vals[top] / _median(vals))
         if self._spread and msg.step <= self._spread[-1][0]:
             self._spread.clear()  # a rollback: start the current timeline's window afresh
-        self._spread.append((msg.step, spread, msg.layout.tensors[int(rows[int(vals.argmax())])]))
-        base = self.baselines.update(("update_ratio_spread", ""), [spread])
-        if base is None or base <= 0:
+        self._spread.append((msg.step, spread, msg.layout.tensors[int(np.flatnonzero(keep)[top])]))
+        self._spread_matrices = len(vals)
+        return spread, self.baselines.update(("update_ratio_spread", ""), [spread])
+
+    def _update_spread(self, tracked: tuple[float, float | None]) -> list[Forecast]:
+        spread, base = tracked
+        if base is None or base <= 0 or not math.isfinite(spread):
             return []
+        matrices = self._spread_matrices
         grow = self.cfg.update_ratio.max_spread_growth
         steps = np.array([s for s, _, _ in self._spread][-self.cfg.trend.window :])
         ys = np.log(np.array([v for _, v, _ in self._spread][-self.cfg.trend.window :]) / base)[:, None]
@@ -759,7 +846,7 @@ class TrendPredictors:
 
         def describe(r, growth, span, eta, crossed):
             head = (
-                f"update_ratio spread (max/median over {len(vals)} matrices) is {spread:.3g}, "
+                f"update_ratio spread (max/median over {matrices} matrices) is {spread:.3g}, "
                 f"{spread / base:.2f}× its early value {base:.3g}; largest: {largest}"
             )
             return head if crossed else f"{head}; ETA to {grow:g}×: {eta:.0f} steps"
@@ -778,16 +865,19 @@ class TrendPredictors:
                 f.severity,
                 f.risk,
                 f.message,
-                {**f.evidence, "baseline": base, "matrices": int(len(vals))},
+                {**f.evidence, "baseline": base, "matrices": matrices},
             )  # fmt: skip
             for f in fc
         ]
 
+    def _eps(self, msg: StatsMessage) -> float:
+        """Adam's eps: the trainer's scalar ``adam_eps`` if it sends one, else ``adam_eps.eps``."""
+        eps = msg.scalar("adam_eps")
+        return eps if eps is not None and math.isfinite(eps) and eps > 0 else self.cfg.adam_eps.eps
+
     def _adam_eps(self, msg: StatsMessage, series: SeriesHistory) -> list[Forecast]:
         c = self.cfg.adam_eps
-        eps = msg.scalar("adam_eps")
-        if eps is None or not math.isfinite(eps) or eps <= 0:
-            eps = c.eps
+        eps = self._eps(msg)
         if eps <= 0:
             return []
         stat = "sqrt_v_rms" if "sqrt_v_rms" in msg.layout.stats else "grad_rms"
@@ -880,6 +970,7 @@ class SeriesPredictor:
         self._trend_level: dict[tuple[str, str], int] = {}
         self._nonfinite: set[str] = set()
         self.step = -1
+        self.version = 0  # bumped when the forecasts or detections change: with the step, all risk() reads
 
     def observe(self, msg: StatsMessage, series: SeriesHistory) -> list[Detection]:
         self.step = msg.step
@@ -892,10 +983,19 @@ class SeriesPredictor:
             if d is not None:
                 found.append(d)
         if msg.matrix.size or {"log_z_mean", "log_z_max"} & set(msg.layout.scalars):
-            found += self._trend_detections(self.trends.update(msg, series))
+            forecasts = self.trends.update(msg, series)
+            if forecasts is not None:
+                found += self._trend_detections(forecasts)
+                self.version += 1
         for d in found:
             self.last_detection[d.detector] = d
+        self.version += bool(found)
         return found
+
+    def risk_settled(self) -> bool:
+        """Whether ``risk()`` stays as it is until ``version`` changes (no detection still decaying)."""
+        decay = self.cfg.detection_decay_steps
+        return all(self.step - d.step >= decay for d in self.last_detection.values())
 
     def _nonfinite_check(self, msg: StatsMessage) -> list[Detection]:
         out = []
@@ -919,10 +1019,11 @@ class SeriesPredictor:
                         )
                     )
         others = [n for n in msg.layout.scalars if n not in ("loss", "grad_norm") and not math.isfinite(msg.scalar(n))]
-        rows, cols = np.nonzero(~np.isfinite(msg.matrix))
-        others += [
-            f"{msg.layout.tensors[r]}/{msg.layout.stats[c]}" for r, c in zip(rows[:5].tolist(), cols[:5].tolist())
-        ]
+        if not np.isfinite(msg.matrix).all():
+            rows, cols = np.nonzero(~np.isfinite(msg.matrix))
+            others += [
+                f"{msg.layout.tensors[r]}/{msg.layout.stats[c]}" for r, c in zip(rows[:5].tolist(), cols[:5].tolist())
+            ]
         if others:
             bad_now.add("*")
             if "*" not in self._nonfinite and not (bad_now & {"loss", "grad_norm"}):
@@ -975,6 +1076,8 @@ class SeriesPredictor:
     def rewind(self, to_step: int) -> None:
         for det in self.spikes.values():
             det.rewind(to_step)
+        self.trends.rewind()
+        self.version += 1
         self.forecasts.clear()
         self._trend_level.clear()
         self._nonfinite.clear()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -53,9 +53,22 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class Layout:
+    """The names behind a message's numbers; a dictionary key on the agent's hot path, so its hash
+    (over 1,000 tensor names, say) is computed once."""
+
     scalars: tuple[str, ...]
     stats: tuple[str, ...]
     tensors: tuple[str, ...]
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.scalars, self.stats, self.tensors)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple:
+        return Layout, (self.scalars, self.stats, self.tensors)  # str hashes differ between processes
 
     @property
     def size(self) -> int:

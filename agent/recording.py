@@ -154,6 +154,7 @@ class StatsRecorder:
         self.max_file_bytes, self.max_files = max_file_bytes, max_files
         self.recorded = 0
         self.errors = 0
+        self.opened = 0  # files opened (each starts without a risk line)
         self._files: OrderedDict[str, _File] = OrderedDict()
         self._layout_ids: dict[Layout, str] = {}
 
@@ -228,6 +229,7 @@ class StatsRecorder:
             _, old = self._files.popitem(last=False)
             old.close()
         f = self._files[run] = _File(self.path_for(run), run)
+        self.opened += 1
         return f
 
     def _drop(self, run: str) -> None:

@@ -55,6 +55,7 @@ class _Run:
         self.last_step: dict[int, int] = {}
         self.primary: int | None = None
         self.detections: dict[tuple[str, str], int] = {}
+        self.risk_recorded: tuple | None = None  # files opened and predictor versions at the last risk line
 
 
 class Supervisor:
@@ -145,10 +146,17 @@ class Supervisor:
         return decisions
 
     def _record_risk(self, msg: StatsMessage, r: _Run) -> None:
-        """The run's risk and ETAs after this message, into its recording (for run reports)."""
+        """The run's risk and ETAs after this message, into its recording (for run reports); not
+        even computed while no predictor of the run changed, none has a detection decaying and the
+        recording opened no file (each file carries its own risk line)."""
+        assert self.recorder is not None
         with self._lock:
+            key = (self.recorder.opened, *((rank, p.version) for rank, p in r.predictors.items()))
+            if key == r.risk_recorded and all(p.risk_settled() for p in r.predictors.values()):
+                return
+            r.risk_recorded = key
             status = self._status(msg.run, r)
-        if status is not None and self.recorder is not None:
+        if status is not None:
             risk = status.risk
             self.recorder.record_risk(
                 msg.run, msg.rank, msg.step, self.clock(), score=risk.score, predictor=risk.predictor,

@@ -5,7 +5,9 @@ A real ``sentinel-agent run`` child process (agent/spawn.py) with its default co
 set (grad_l2, grad_rms, param_l2, update_l2, update_ratio, sqrt_v_rms,
 sqrt_v_below_eps_fraction) plus the usual scalars, pushed as fast as one blocking ZeroMQ PUSH
 socket can (no drops: the sender waits when the agent's queue is full, so the rate measured is
-the agent's).  Values drift slowly, like a healthy run, so no decision fires.
+the agent's).  Values drift slowly, like a healthy run, so no decision fires and the trend
+lines are refitted every ``predict.trend.every_steps`` steps (docs/policy.md, "When the lines are
+refitted"); ``--every-steps 1`` refits them on every message.
 
 Measured:
   ingest     messages/s from the first send until /metrics counts them all;
@@ -17,6 +19,7 @@ Goals: >= 2,000 messages/s, latency p99 <= 50 ms, scrape <= 200 ms, flat memory.
 one is missed.  The last line is ``agent_msgs_per_s=<n>``.
 
     python benchmarks/agent_throughput.py [--messages 5000] [--tensors 1000] [--ranks 1] [--latency-samples 100]
+                                          [--every-steps N]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent import protocol  # noqa: E402
+from agent.config import AgentConfig  # noqa: E402
 from agent.spawn import AgentProcess  # noqa: E402
 
 STATS = ("grad_l2", "grad_rms", "param_l2", "update_l2", "update_ratio", "sqrt_v_rms", "sqrt_v_below_eps_fraction")
@@ -65,14 +69,24 @@ def sample_value(text: str, name: str, run: str, rank: int = 0) -> float | None:
     return None
 
 
-def wait(condition, what: str, timeout: float = 600.0) -> None:
-    """Poll ``condition`` every millisecond: back-to-back HTTP polls would take the agent's CPU (and
-    its interpreter lock) away from the very work being measured."""
+def wait(condition, what: str, timeout: float = 600.0, interval: float = 0.001) -> None:
+    """Poll ``condition`` every ``interval`` seconds: back-to-back HTTP polls would take the agent's
+    CPU (and its interpreter lock) away from the very work being measured."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.001)
+        time.sleep(interval)
+
+
+def wait_received(url: str, target: int, rate: float) -> None:
+    """Wait until the agent has taken ``target`` messages, polling /api/status about twice per
+    expected wait (``rate`` messages/s so far): each poll costs the agent a couple of milliseconds."""
+    deadline = time.monotonic() + 600.0
+    while (n := received(url)) < target:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for the agent to take {target} messages (it has {n:.0f})")
+        time.sleep(min(0.05, max(0.001, (target - n) / rate / 2)))
 
 
 class Firehose:
@@ -127,9 +141,11 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def run(messages: int, tensors: int, latency_samples: int, ranks: int = 1, checkpoints: int = 10) -> dict:
+def run(
+    messages: int, tensors: int, latency_samples: int, ranks: int = 1, checkpoints: int = 10, config: dict | None = None
+) -> dict:
     out: dict = {"messages": messages, "tensors": tensors, "ranks": ranks}
-    with AgentProcess() as agent:
+    with AgentProcess(config=config) as agent:
         url = agent.metrics_url
         hose = Firehose(agent.stats_endpoint, "bench", tensors, ranks)
         try:
@@ -142,10 +158,10 @@ def run(messages: int, tensors: int, latency_samples: int, ranks: int = 1, check
             for i in range(1, messages + 1):
                 hose.send()
                 if i % chunk == 0:  # at most two chunks queued, so that RSS is the agent's own memory
-                    wait(lambda: received(url) >= i + 1 - chunk, "the agent to catch up")  # noqa: B023
+                    wait_received(url, i + 1 - chunk, rate=max(100.0, i / (time.perf_counter() - start)))
                 if i % every == 0:
                     rss.append((i, rss_bytes(agent.pid)))
-            wait(lambda: received(url) >= messages + 1, "the agent to take every message")
+            wait_received(url, messages + 1, rate=max(100.0, messages / (time.perf_counter() - start)))
             ingest_s = time.perf_counter() - start
             rss.append((messages, rss_bytes(agent.pid)))
             out.update(ingest_s=ingest_s, msgs_per_s=messages / ingest_s, rss=rss)
@@ -188,13 +204,23 @@ def main(argv: list[str] | None = None) -> int:
         "(predict.ranks: zero), so with 1 (default) every message goes through the predictors",
     )
     parser.add_argument("--latency-samples", type=int, default=100, help="single-message latency samples")
+    parser.add_argument(
+        "--every-steps",
+        type=int,
+        default=None,
+        help="the agent's predict.trend.every_steps (default: the agent's default); 1 refits the trend "
+        "lines on every message",
+    )
     args = parser.parse_args(argv)
-    r = run(args.messages, args.tensors, args.latency_samples, args.ranks)
+    config = None if args.every_steps is None else {"predict": {"trend": {"every_steps": args.every_steps}}}
+    r = run(args.messages, args.tensors, args.latency_samples, args.ranks, config=config)
     size = len(protocol.Layout(SCALARS, STATS, ("x",) * args.tensors).encode())
     print(
         f"messages: {r['messages']} x ({r['tensors']} tensors x {len(STATS)} statistics + {len(SCALARS)} scalars), "
         f"from {r['ranks']} rank(s) taking turns; rank 0 goes through the predictors and the recording"
     )
+    every = AgentConfig().predict.trend.every_steps if args.every_steps is None else args.every_steps
+    print(f"  trend lines refitted every {every} step(s) while quiet (predict.trend.every_steps)")
     print(
         f"  about {(len(SCALARS) + len(STATS) * args.tensors) * 4 / 1024:.0f} KiB of data + {size / 1024:.0f} KiB layout"
     )

@@ -6,7 +6,7 @@ and ``StatsRecorder.record`` directly, without ZeroMQ or HTTP, so each part's ti
 is measured alone.  With ``--profile`` the predictors run under cProfile and the top functions
 are printed.
 
-    python benchmarks/predict_cost.py [--messages 400] [--tensors 1000] [--profile]
+    python benchmarks/predict_cost.py [--messages 400] [--tensors 1000] [--profile] [--every-steps N]
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ def messages(count: int, tensors: int, first_step: int = 1, seed: int = 0) -> li
     return out
 
 
-def measure(count: int, tensors: int, profile: bool = False) -> dict[str, float]:
+def measure(count: int, tensors: int, profile: bool = False, every_steps: int | None = None) -> dict[str, float]:
     cfg = AgentConfig()
+    if every_steps is not None:
+        cfg.predict.trend.every_steps = every_steps
     history = History(
         steps=cfg.history.steps,
         max_series=cfg.limits.max_series,
@@ -95,9 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=400, help="timed messages, after the warm-up (default 400)")
     parser.add_argument("--tensors", type=int, default=1000, help="tensors per message (default 1000)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the predictors")
+    parser.add_argument(
+        "--every-steps", type=int, default=None, help="predict.trend.every_steps (default: the agent's default)"
+    )
     args = parser.parse_args(argv)
-    r = measure(args.messages, args.tensors, args.profile)
-    print(f"{args.tensors} tensors x {len(STATS)} statistics, {args.messages} messages after the trend warm-up")
+    r = measure(args.messages, args.tensors, args.profile, args.every_steps)
+    every = args.every_steps or AgentConfig().predict.trend.every_steps
+    print(
+        f"{args.tensors} tensors x {len(STATS)} statistics, {args.messages} messages after the trend warm-up, "
+        f"quiet trend lines refitted every {every} step(s)"
+    )
     for name, ms in r.items():
         print(f"  {name:8s} {ms:7.3f} ms/message")
     print(f"  total    {sum(r.values()):7.3f} ms/message")

@@ -10,7 +10,7 @@ import pytest
 from agent_proc import make_frames
 
 from agent.history import SeriesHistory
-from agent.predict import PredictConfig, SeriesPredictor, fit_lines
+from agent.predict import PredictConfig, SeriesPredictor, TrendPredictors, fit_lines
 from agent.protocol import decode
 from agent.typedconfig import build
 
@@ -161,7 +161,7 @@ def test_out_rms_growth_warns_then_crosses_twice_its_baseline():
 
 
 def test_update_ratio_explanation_names_layer_growth_and_eta():
-    f = Feeder(trend={"warmup_steps": 0})
+    f = Feeder(trend={"warmup_steps": 0, "every_steps": 1})  # the ETA of a fit on the last step
     k = math.log(4.0) / 50  # x4 every 50 steps
     for t in range(0, 120):
         ratios = [[1e-3 * math.exp(k * t) if name == "h.3.mlp.c_proj.weight" else 1e-3] for name in PARAMS]
@@ -229,3 +229,63 @@ def test_fit_lines_recovers_slopes_per_column_and_ignores_masked_cells():
         fit_lines(x, noisy[:, None], np.ones((10, 1), bool))[4],
     )
     assert t_noisy[0] == pytest.approx(math.sqrt(r2_noisy[0] * 8 / (1 - r2_noisy[0])))
+
+
+def _quiet_then(f: Feeder, stat: str, quiet: float, late: float, at: int, until: int | None = None):
+    """Stationary ``stat`` rows (small noise), then one row at ``late`` from step ``at``."""
+    rng = np.random.default_rng(3)
+    for t in range(until or at + 1):
+        rows = [[quiet * math.exp(rng.normal(0, 0.01))] for _ in MODULES]
+        if t >= at:
+            rows[1] = [late]
+        f.feed(t, {"loss": 3.0, "lr": 1.0, "adam_eps": 1e-8}, stats=(stat,), tensors=MODULES, matrix=rows)
+
+
+@pytest.mark.parametrize(
+    ("stat", "quiet", "late", "detector"),
+    [
+        ("attn_logit_max", 30.0, 2e4, "attn_logit"),
+        ("update_ratio", 1e-3, 0.5, "update_ratio"),
+        ("sqrt_v_rms", 1e-3, 5e-9, "adam_eps"),
+    ],
+)
+def test_a_value_past_its_limit_is_critical_at_its_step_between_refits(stat, quiet, late, detector):
+    f = Feeder(trend={"warmup_steps": 0, "every_steps": 20})
+    _quiet_then(f, stat, quiet, late, at=73)  # fits at 0, 20, 40, 60: step 73 is between two
+    crit = [d for d in f.detections if d.detector == detector and d.severity == "critical"]
+    assert [(d.step, d.layer) for d in crit] == [(73, MODULES[1])]
+
+
+def _growing_logit(f: Feeder, steps: int = 340) -> int | None:
+    """Row 1's max attention logit grows from step 100 and would reach 1e4 at step 500; returns the
+    step of the predictor's first forecast."""
+    k = math.log(1e4 / 30.0) / 400
+    rng = np.random.default_rng(4)
+    first = None
+    for t in range(steps):
+        rows = [[30.0 * math.exp(rng.normal(0, 0.01))] for _ in MODULES]
+        rows[1] = [30.0 * math.exp(k * max(0, t - 100))]
+        f.feed(t, {"loss": 3.0}, stats=("attn_logit_max",), tensors=MODULES, matrix=rows)
+        if first is None and f.pred.forecasts:
+            first = t
+    return first
+
+
+def test_a_quiet_layout_is_refitted_every_every_steps_and_a_trending_one_on_every_message(monkeypatch):
+    fits = []
+    real = TrendPredictors._attn_logit
+    monkeypatch.setattr(
+        TrendPredictors, "_attn_logit", lambda self, msg, s: fits.append(msg.step) or real(self, msg, s)
+    )
+    f = Feeder(trend={"warmup_steps": 0, "every_steps": 20})
+    first = _growing_logit(f)
+    cadence = list(fits)
+    every = Feeder(trend={"warmup_steps": 0, "every_steps": 1})
+    first_every = _growing_logit(every)
+    assert [s for s in cadence if s < 100] == list(range(0, 100, 20))
+    assert first_every <= first < first_every + 20  # a trend is first seen at most every_steps - 1 late
+    assert cadence[-(340 - first) :] == list(range(first, 340))  # then refitted on every message
+    warned = [(d.step, d.severity) for d in f.detections if d.detector == "attn_logit"]
+    assert warned and warned == [(d.step, d.severity) for d in every.detections if d.detector == "attn_logit"]
+    top = f.pred.forecasts[("attn_logit", MODULES[1])]
+    assert top.step == 339 and top.eta_steps == pytest.approx(500 - 339, rel=0.05)

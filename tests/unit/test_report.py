@@ -330,3 +330,24 @@ def test_the_agent_persists_risk_lines_on_change_only(tmp_path):
     assert top["step"] == 30 and top["score"] == 1.0 and top["predictor"] == "loss_spike"
     assert "loss" in top["explanation"]
     assert [r["step"] for r in risk][1:] == list(range(30, 40))  # decaying: one line per step
+
+
+def test_every_rotated_recording_file_carries_the_risk_in_force(tmp_path):
+    """A quiet run's risk never changes, yet each file stands alone: the agent writes it again in a new file."""
+    config = load_config({})
+    recorder = StatsRecorder(tmp_path, max_file_bytes=2048, max_files=3)
+    sup = Supervisor(config, EventLog(None))
+    sup.recorder = recorder
+    history = History(steps=256, max_series=8, max_matrix_bytes=1 << 20, max_scalar_names=32, max_layouts=8)
+    layouts: dict = {}
+    for step in range(60):
+        msg = _msg(layouts, step, scalars={"loss": 3.0, "grad_norm": 1.0})
+        recorder.record(msg, float(step))
+        sup.observe(msg, history.push(msg, float(step)).series)
+    recorder.close()
+    files = sorted(tmp_path.glob("stats-r1*.jsonl"))
+    assert len(files) == 3
+    for path in files:
+        risk: list[dict] = []
+        steps = [r.message.step for r in read_recording([path], risk=risk)]
+        assert steps and [r["step"] for r in risk] == steps[:1], path.name  # one line, with the file's first message
