@@ -139,7 +139,7 @@ class TrendConfig:
         doc="Refit the trend lines of a layout whose last fit found nothing once this many steps have passed "
         "(1: on every message); a layout with a forecast is refitted on every message, and a value newly past "
         "a predictor's limit refits at once, so only the first sight of a trend can come up to every_steps - 1 "
-        "steps late.",
+        "steps late.  At most `window`.",
     )
 
 
