@@ -255,12 +255,6 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         )
     _validate_commands(cfg)
     parse_rules(cfg.policy.rules)
-    trend = cfg.predict.trend
-    if trend.every_steps > trend.window:
-        raise ConfigError(
-            f"predict.trend.every_steps: {trend.every_steps} is more than predict.trend.window ({trend.window}); "
-            f"allowed: 1 to {trend.window}, so that consecutive fits of a quiet layout leave no step unseen"
-        )
     if (cfg.metrics.certfile is None) != (cfg.metrics.keyfile is None):
         missing = "metrics.keyfile" if cfg.metrics.keyfile is None else "metrics.certfile"
         raise ConfigError(f"{missing}: required when the other of metrics.certfile/metrics.keyfile is set")

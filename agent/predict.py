@@ -139,7 +139,7 @@ class TrendConfig:
         doc="Refit the trend lines of a layout whose last fit found nothing once this many steps have passed "
         "(1: on every message); a layout with a forecast is refitted on every message, and a value newly past "
         "a predictor's limit refits at once, so only the first sight of a trend can come up to every_steps - 1 "
-        "steps late.  At most `window`.",
+        "steps late.  A value above `window` counts as `window`, so that consecutive fits leave no step unseen.",
     )
 
 
@@ -550,7 +550,8 @@ class TrendPredictors:
             return []
         spread = self._track_spread(msg) if c.update_ratio.enabled and "update_ratio" in stats else None
         last = self._fitted_at.get(msg.layout)
-        due = last is None or msg.layout in self._trending or not last < msg.step < last + c.trend.every_steps
+        every = min(c.trend.every_steps, c.trend.window)
+        due = last is None or msg.layout in self._trending or not last < msg.step < last + every
         if not due and not self._newly_past(msg, spread):
             return None
         if len(self._fitted_at) >= MAX_LAYOUTS and msg.layout not in self._fitted_at:

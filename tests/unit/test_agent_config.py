@@ -126,12 +126,6 @@ def test_tls_needs_both_files():
     assert (cfg.metrics.certfile, cfg.metrics.keyfile) == ("c.pem", "k.pem")
 
 
-def test_trend_refits_cannot_skip_steps_of_the_window():
-    msg = config_error({"predict": {"trend": {"every_steps": 51}}})
-    assert msg.startswith("predict.trend.every_steps: 51 ") and "allowed: 1 to 50" in msg
-    assert load_config({"predict": {"trend": {"every_steps": 80, "window": 80}}}).predict.trend.every_steps == 80
-
-
 # The CLI turns configuration errors into exit code 2 with a one-line message, no traceback.
 
 

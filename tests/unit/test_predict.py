@@ -289,3 +289,14 @@ def test_a_quiet_layout_is_refitted_every_every_steps_and_a_trending_one_on_ever
     assert warned and warned == [(d.step, d.severity) for d in every.detections if d.detector == "attn_logit"]
     top = f.pred.forecasts[("attn_logit", MODULES[1])]
     assert top.step == 339 and top.eta_steps == pytest.approx(500 - 339, rel=0.05)
+
+
+def test_a_quiet_layout_is_refitted_at_least_once_per_window(monkeypatch):
+    fits = []
+    real = TrendPredictors._attn_logit
+    monkeypatch.setattr(
+        TrendPredictors, "_attn_logit", lambda self, msg, s: fits.append(msg.step) or real(self, msg, s)
+    )
+    f = Feeder(trend={"warmup_steps": 0, "every_steps": 20, "window": 8})
+    _quiet_then(f, "attn_logit_max", 30.0, 30.0, at=0, until=40)
+    assert fits == list(range(0, 40, 8))  # every_steps above the window counts as the window
