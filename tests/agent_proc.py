@@ -23,6 +23,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import protocol
+from agent.events import read_events
 from agent.spawn import AgentProcess
 
 
@@ -186,11 +187,54 @@ class Pusher:
         self.close()
 
 
+def applied(acks: list[dict]) -> list[dict]:
+    """The 'applied' acks; the agent may resend before the first ack, and the resend is acked 'duplicate'."""
+    assert {a["status"] for a in acks} <= {"applied", "duplicate"}, acks
+    return [a for a in acks if a["status"] == "applied"]
+
+
+def trainer_config(agent: AgentProcess, run: str, **extra: object) -> dict:
+    """A trainer's sentinel config publishing to ``agent`` and taking its commands, with the guard
+    on so that a step with an injected NaN is itself skipped."""
+    return {
+        "run": run,
+        "publish": {"endpoint": agent.stats_endpoint},
+        "control": {"endpoint": agent.commands_endpoint},
+        "optim": {"guard": {"enabled": True}},
+        **extra,
+    }
+
+
+def nonfinite_policy(action: str, **args: object) -> dict:
+    """An agent config whose only rule answers a critical ``nonfinite`` detection with ``action``."""
+    return {"policy": {"rules": [{"detector": "nonfinite", "severity": "critical", "action": action, "args": args}]}}
+
+
 class AgentProc(AgentProcess):
-    """The agent process of agent.spawn, plus parsed scrapes for assertions."""
+    """The agent process of agent.spawn, plus parsed scrapes and its event log for assertions."""
 
     def scrape(self) -> Scrape:
         return parse_metrics(fetch(self.metrics_url))
+
+    def events(self) -> list[dict]:
+        """The records of its events.jsonl so far (a line still being written is left out)."""
+        return list(read_events(self.events_path, on_skip=lambda _: None))
+
+    def acks(self, action: str) -> list[dict]:
+        """The trainer's acks of the commands of ``action`` the agent decided on."""
+        found = self.events()
+        ids = {
+            c["id"] for e in found if e["type"] == "decision" for c in e.get("commands", []) if c["action"] == action
+        }
+        return [e for e in found if e["type"] == "ack" and e.get("id") in ids]
+
+    def wait_acked(self, action: str, timeout: float = 10.0) -> list[dict]:
+        """``acks(action)`` once there is one; fails with the agent's log otherwise."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.acks(action)):
+            assert time.monotonic() < deadline, f"no ack for {action}; agent log:\n{self.log()}"
+            time.sleep(0.05)
+        return found
 
     def wait_for(self, predicate: Callable[[Scrape], bool], timeout: float = 10.0) -> Scrape:
         """Scrape until ``predicate`` holds; fails with the last scrape and the log otherwise."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from agent_proc import applied, nonfinite_policy, trainer_config
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -68,20 +69,6 @@ def trainer_args(out: Path, max_steps: int, **extra: Any) -> TrainingArguments:
     return TrainingArguments(**kw)
 
 
-def sentinel_config(agent: Any, run: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "run": run,
-        "publish": {"endpoint": agent.stats_endpoint},
-        "control": {"endpoint": agent.commands_endpoint},
-        "optim": {"guard": {"enabled": True}},  # the injected NaN step itself is skipped
-        **extra,
-    }
-
-
-def policy(action: str, **args: Any) -> dict[str, Any]:
-    return {"policy": {"rules": [{"detector": "nonfinite", "severity": "critical", "action": action, "args": args}]}}
-
-
 class Probe(TrainerCallback):
     """Injects one NaN loss at ``nan_step`` (1-based) and records per-step parameter changes and guard skips.
 
@@ -132,42 +119,16 @@ class Probe(TrainerCallback):
         self._skips = skips
         if state.global_step == self.nan_step and self.agent is not None:
             deadline = time.monotonic() + 15
-            while not any(e.get("type") == "sent" for e in events(self.agent)):
+            while not any(e.get("type") == "sent" for e in self.agent.events()):
                 assert time.monotonic() < deadline, f"the agent sent no command; its log:\n{self.agent.log()}"
                 time.sleep(0.02)
             time.sleep(0.3)  # loopback delivery, with margin for a loaded machine
 
 
-def events(agent: Any) -> list[dict]:
-    return [json.loads(line) for line in Path(agent.events_path).read_text().splitlines() if line.strip()]
-
-
-def acks(agent: Any, action: str) -> list[dict]:
-    found = events(agent)
-    ids = {
-        c["id"] for e in found if e.get("type") == "decision" for c in e.get("commands", []) if c["action"] == action
-    }
-    return [e for e in found if e.get("type") == "ack" and e.get("id") in ids]
-
-
-def wait_acked(agent: Any, action: str, timeout: float = 10.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while not (found := acks(agent, action)):
-        assert time.monotonic() < deadline, f"no ack for {action}; agent log:\n{agent.log()}"
-        time.sleep(0.05)
-    return found
-
-
-def applied(found: list[dict]) -> list[dict]:
-    """The 'applied' acks; the agent may resend before the first ack, and the resend is acked 'duplicate'."""
-    assert {a["status"] for a in found} <= {"applied", "duplicate"}, found
-    return [a for a in found if a["status"] == "applied"]
-
-
 @pytest.mark.parametrize("loss", ["forward", "log"])
 def test_statistics_reach_the_agent_with_the_loss_the_trainer_logs(start_agent, tmp_path: Path, loss: str) -> None:
     agent = start_agent(config={"policy": {"enabled": False}})
-    cb = SentinelCallback(sentinel_config(agent, f"hf-stats-{loss}"), loss=loss)
+    cb = SentinelCallback(trainer_config(agent, f"hf-stats-{loss}"), loss=loss)
     args = trainer_args(tmp_path / "out", max_steps=6, gradient_accumulation_steps=2)
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[cb])
     train(trainer)
@@ -183,15 +144,15 @@ def test_statistics_reach_the_agent_with_the_loss_the_trainer_logs(start_agent, 
 
 
 def test_an_agent_skip_update_leaves_the_parameters_of_that_step_untouched(start_agent, tmp_path: Path) -> None:
-    agent = start_agent(config=policy("skip_update", steps=1))
-    cb = SentinelCallback(sentinel_config(agent, "hf-skip"))
+    agent = start_agent(config=nonfinite_policy("skip_update", steps=1))
+    cb = SentinelCallback(trainer_config(agent, "hf-skip"))
     args = trainer_args(tmp_path / "out", max_steps=12)
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[cb])
     probe = Probe(cb, nan_step=3, agent=agent)
     trainer.add_callback(probe)
     train(trainer)
 
-    (ack,) = applied(wait_acked(agent, "skip_update"))
+    (ack,) = applied(agent.wait_acked("skip_update"))
     skipped = [s for s, n in probe.skips_at.items() if n]
     assert skipped[0] == 3, "the NaN step is skipped by the guard"
     assert len(skipped) == 2, probe.skips_at
@@ -203,21 +164,21 @@ def test_an_agent_skip_update_leaves_the_parameters_of_that_step_untouched(start
 
 
 def test_an_agent_stop_ends_training_at_that_step(start_agent, tmp_path: Path) -> None:
-    agent = start_agent(config=policy("stop"))
-    cb = SentinelCallback(sentinel_config(agent, "hf-stop"))
+    agent = start_agent(config=nonfinite_policy("stop"))
+    cb = SentinelCallback(trainer_config(agent, "hf-stop"))
     trainer = Trainer(
         model=tiny_gpt2(), args=trainer_args(tmp_path / "out", 200), train_dataset=token_data(), callbacks=[cb]
     )
     trainer.add_callback(Probe(cb, nan_step=3, agent=agent))
     train(trainer)
 
-    (ack,) = applied(wait_acked(agent, "stop"))
+    (ack,) = applied(agent.wait_acked("stop"))
     assert trainer.state.global_step == ack["step"] == 4  # the boundary after the NaN step's
 
 
 def test_an_agent_rollback_resumes_from_the_good_checkpoint_it_names(start_agent, tmp_path: Path, caplog) -> None:
-    agent = start_agent(config=policy("rollback", steps_back=0, skip=2))
-    cb = SentinelCallback(sentinel_config(agent, "hf-rollback", checkpoint={"good_after": 2}))
+    agent = start_agent(config=nonfinite_policy("rollback", steps_back=0, skip=2))
+    cb = SentinelCallback(trainer_config(agent, "hf-rollback", checkpoint={"good_after": 2}))
     args = trainer_args(tmp_path / "out", max_steps=14, save_strategy="steps", save_steps=2)
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=token_data(), callbacks=[cb])
     probe = Probe(cb, nan_step=7, agent=agent)
@@ -225,7 +186,7 @@ def test_an_agent_rollback_resumes_from_the_good_checkpoint_it_names(start_agent
     with caplog.at_level(logging.WARNING, logger="sentinel"):
         train(trainer)
 
-    (ack,) = applied(wait_acked(agent, "rollback"))
+    (ack,) = applied(agent.wait_acked("rollback"))
     # checkpoint-6 was pending when the NaN came (step 7): only checkpoint-4 and older are good
     (rollback,) = cb.rollbacks
     assert rollback["to_step"] == 4 and rollback["path"] == str(tmp_path / "out" / "checkpoint-4")
@@ -252,10 +213,8 @@ def test_a_resume_after_a_rollback_keeps_the_restored_weights_and_skips_the_aban
     """``stabilise.init`` re-initialises at the first attach only: the resume's attach (after the Trainer
     loaded checkpoint-4) keeps its weights.  The abandoned checkpoint-6 is renamed, so the Trainer's
     ``resume_from_checkpoint=True`` (its highest ``checkpoint-N``) picks the good checkpoint-4."""
-    agent = start_agent(config=policy("rollback", steps_back=0, skip=2))
-    config = sentinel_config(
-        agent, "hf-rollback-init", checkpoint={"good_after": 2}, stabilise={"init": "small_scaled"}
-    )
+    agent = start_agent(config=nonfinite_policy("rollback", steps_back=0, skip=2))
+    config = trainer_config(agent, "hf-rollback-init", checkpoint={"good_after": 2}, stabilise={"init": "small_scaled"})
     cb = SentinelCallback(config)
     out = tmp_path / "out"
     args = trainer_args(out, max_steps=10, save_strategy="steps", save_steps=2)
@@ -309,15 +268,15 @@ def test_the_forward_loss_is_scaled_as_the_trainer_scales_it(tmp_path: Path) -> 
 
 
 def test_a_rollback_without_a_good_checkpoint_is_acked_failed_and_training_goes_on(start_agent, tmp_path: Path) -> None:
-    agent = start_agent(config=policy("rollback", steps_back=0, skip=2))
-    cb = SentinelCallback(sentinel_config(agent, "hf-no-checkpoint"))
+    agent = start_agent(config=nonfinite_policy("rollback", steps_back=0, skip=2))
+    cb = SentinelCallback(trainer_config(agent, "hf-no-checkpoint"))
     trainer = Trainer(
         model=tiny_gpt2(), args=trainer_args(tmp_path / "out", 8), train_dataset=token_data(), callbacks=[cb]
     )
     trainer.add_callback(Probe(cb, nan_step=3, agent=agent))
     train(trainer)
 
-    acks = wait_acked(agent, "rollback")
+    acks = agent.wait_acked("rollback")
     assert {a["status"] for a in acks} <= {"failed", "duplicate"} and acks[0]["status"] == "failed"
     assert "no good checkpoint" in acks[0]["detail"]
     assert cb.rollbacks == [] and cb.resume_from is None

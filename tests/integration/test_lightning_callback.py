@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from agent_proc import applied, nonfinite_policy, trainer_config
 from sentinel.examples.tiny_gpt import GPT, GPTConfig, Windows, stdlib_corpus
 
 from sentinel.integrations.adapter import Adapter, load
@@ -73,39 +74,6 @@ def make_trainer(cb: SentinelCallback, max_steps: int, *extra: pl.Callback, **kw
     )
 
 
-def sentinel_config(agent: Any, run: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "run": run,
-        "publish": {"endpoint": agent.stats_endpoint},
-        "control": {"endpoint": agent.commands_endpoint},
-        "optim": {"guard": {"enabled": True}},  # the injected NaN step itself is skipped
-        **extra,
-    }
-
-
-def policy(action: str, **args: Any) -> dict[str, Any]:
-    return {"policy": {"rules": [{"detector": "nonfinite", "severity": "critical", "action": action, "args": args}]}}
-
-
-def events(agent: Any) -> list[dict]:
-    return [json.loads(line) for line in Path(agent.events_path).read_text().splitlines() if line.strip()]
-
-
-def applied_ack(agent: Any, action: str, timeout: float = 10.0) -> dict:
-    """The one 'applied' ack of ``action`` (a resend before the first ack is acked 'duplicate')."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = events(agent)
-        ids = {c["id"] for e in found if e.get("type") == "decision" for c in e["commands"] if c["action"] == action}
-        acks = [e for e in found if e.get("type") == "ack" and e.get("id") in ids]
-        if acks:
-            assert {a["status"] for a in acks} <= {"applied", "duplicate"}, acks
-            (ack,) = [a for a in acks if a["status"] == "applied"]
-            return ack
-        assert time.monotonic() < deadline, f"no ack for {action}; agent log:\n{agent.log()}"
-        time.sleep(0.05)
-
-
 class Probe(pl.Callback):
     """Records per-step parameter changes and guard skips; after the NaN step it waits until the agent has
     sent its command, so that the command is applied at the next step boundary however loaded the machine is."""
@@ -141,7 +109,7 @@ class Probe(pl.Callback):
         self.guard_at.setdefault(step, self.cb.sentinel.guard.state_dict())
         if step == self.nan_step and pl_module.injected:
             deadline = time.monotonic() + 15
-            while not any(e.get("type") == "sent" for e in events(self.agent)):
+            while not any(e.get("type") == "sent" for e in self.agent.events()):
                 assert time.monotonic() < deadline, f"the agent sent no command; its log:\n{self.agent.log()}"
                 time.sleep(0.02)
             time.sleep(0.3)  # loopback delivery, with margin for a loaded machine
@@ -149,7 +117,7 @@ class Probe(pl.Callback):
 
 def test_statistics_reach_the_agent_with_the_loss_of_each_optimizer_step(start_agent) -> None:
     agent = start_agent(config={"policy": {"enabled": False}})
-    cb = SentinelCallback(sentinel_config(agent, "pl-stats"))
+    cb = SentinelCallback(trainer_config(agent, "pl-stats"))
     model = TinyLM()
     fit(make_trainer(cb, 5, accumulate_grad_batches=2), model, loader())
 
@@ -165,13 +133,13 @@ def test_statistics_reach_the_agent_with_the_loss_of_each_optimizer_step(start_a
 
 
 def test_an_agent_skip_update_leaves_the_parameters_of_that_step_untouched(start_agent) -> None:
-    agent = start_agent(config=policy("skip_update", steps=1))
-    cb = SentinelCallback(sentinel_config(agent, "pl-skip"))
+    agent = start_agent(config=nonfinite_policy("skip_update", steps=1))
+    cb = SentinelCallback(trainer_config(agent, "pl-skip"))
     probe = Probe(cb, agent, nan_step=3)
     trainer = make_trainer(cb, 10, probe)
     fit(trainer, TinyLM(nan_step=3), loader())
 
-    ack = applied_ack(agent, "skip_update")
+    (ack,) = applied(agent.wait_acked("skip_update"))
     assert ack["step"] == 4  # applied at the boundary after update 4: update 5 is skipped
     assert [s for s, n in probe.skips_at.items() if n] == [3, 5]  # the NaN step by the guard, then the command
     assert probe.changed[3] is False and probe.changed[5] is False
@@ -180,26 +148,26 @@ def test_an_agent_skip_update_leaves_the_parameters_of_that_step_untouched(start
 
 
 def test_an_agent_stop_ends_training_at_that_step(start_agent) -> None:
-    agent = start_agent(config=policy("stop"))
-    cb = SentinelCallback(sentinel_config(agent, "pl-stop"))
+    agent = start_agent(config=nonfinite_policy("stop"))
+    cb = SentinelCallback(trainer_config(agent, "pl-stop"))
     trainer = make_trainer(cb, 200, Probe(cb, agent, nan_step=3))
     fit(trainer, TinyLM(nan_step=3), loader())
 
-    ack = applied_ack(agent, "stop")
+    (ack,) = applied(agent.wait_acked("stop"))
     assert trainer.global_step == ack["step"] == 4  # the boundary after the NaN step's
 
 
 def test_an_agent_rollback_resumes_from_the_good_checkpoint_it_names(start_agent, tmp_path: Path) -> None:
-    agent = start_agent(config=policy("rollback", steps_back=0, skip=2))
+    agent = start_agent(config=nonfinite_policy("rollback", steps_back=0, skip=2))
     ckpt = tmp_path / "ckpt"
     cb = SentinelCallback(
-        sentinel_config(agent, "pl-rollback", checkpoint={"dir": str(ckpt), "every": 2, "good_after": 2, "keep": 10})
+        trainer_config(agent, "pl-rollback", checkpoint={"dir": str(ckpt), "every": 2, "good_after": 2, "keep": 10})
     )
     probe = Probe(cb, agent, nan_step=7)
     trainer = make_trainer(cb, 14, probe)
     fit(trainer, TinyLM(nan_step=7), loader())
 
-    ack = applied_ack(agent, "rollback")
+    (ack,) = applied(agent.wait_acked("rollback"))
     # step-6 was pending when the NaN came (step 7): only step-4 and older are good
     (rollback,) = cb.rollbacks
     assert rollback == {"from_step": 8, "to_step": 4, "path": str(ckpt / "step-4.ckpt"), "skip": 2}
@@ -219,13 +187,13 @@ def test_an_agent_rollback_resumes_from_the_good_checkpoint_it_names(start_agent
 
 
 def test_without_a_checkpoint_dir_a_rollback_is_rejected_and_training_goes_on(start_agent) -> None:
-    agent = start_agent(config=policy("rollback", steps_back=0, skip=2))
-    cb = SentinelCallback(sentinel_config(agent, "pl-no-dir"))
+    agent = start_agent(config=nonfinite_policy("rollback", steps_back=0, skip=2))
+    cb = SentinelCallback(trainer_config(agent, "pl-no-dir"))
     trainer = make_trainer(cb, 8, Probe(cb, agent, nan_step=3))
     fit(trainer, TinyLM(nan_step=3), loader())
 
     deadline = time.monotonic() + 10
-    while not (acks := [e for e in events(agent) if e.get("type") == "ack"]):
+    while not (acks := [e for e in agent.events() if e.get("type") == "ack"]):
         assert time.monotonic() < deadline, agent.log()
         time.sleep(0.05)
     assert acks[0]["status"] == "rejected" and "checkpoint.dir is null" in acks[0]["detail"]
