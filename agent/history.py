@@ -34,10 +34,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from agent.protocol import StatsMessage
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
 
 KNOWN_SCALARS = ("loss", "grad_norm", "step_duration_seconds", "lr")
 
@@ -411,6 +415,17 @@ class History:
         self.max_scalar_names = max_scalar_names
         self.max_layouts = max_layouts
         self._series: OrderedDict[SeriesKey, SeriesHistory] = OrderedDict()
+
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> History:
+        """The history the agent keeps with ``config``'s bounds (the daemon, replay, benchmarks)."""
+        return cls(
+            steps=config.history.steps,
+            max_series=config.limits.max_series,
+            max_matrix_bytes=config.history.max_matrix_bytes,
+            max_scalar_names=config.limits.max_scalar_names,
+            max_layouts=config.history.max_layouts,
+        )
 
     def push(self, msg: StatsMessage, received_at: float) -> PushResult:
         key = (msg.run, msg.rank)

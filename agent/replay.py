@@ -34,13 +34,7 @@ def replay(paths: Sequence[str | Path], config: AgentConfig, *, events_path: str
     events = EventLog(events_path, clock=lambda: now[0])
     if events_path is not None:
         events.open()
-    history = History(
-        steps=config.history.steps,
-        max_series=config.limits.max_series,
-        max_matrix_bytes=config.history.max_matrix_bytes,
-        max_scalar_names=config.limits.max_scalar_names,
-        max_layouts=config.history.max_layouts,
-    )
+    history = History.from_config(config)
     sup = Supervisor(config, events, clock=lambda: now[0])
     sup.keep_decisions = True
     result = ReplayResult()

@@ -30,13 +30,7 @@ class AgentState:
 
     def __init__(self, config: AgentConfig):
         self.lock = threading.Lock()
-        self.history = History(
-            steps=config.history.steps,
-            max_series=config.limits.max_series,
-            max_matrix_bytes=config.history.max_matrix_bytes,
-            max_scalar_names=config.limits.max_scalar_names,
-            max_layouts=config.history.max_layouts,
-        )
+        self.history = History.from_config(config)
         self.received_messages = 0
         self.rejected_messages = dict.fromkeys(REJECT_REASONS, 0)
         self.decisions = 0

@@ -55,13 +55,7 @@ def measure(count: int, tensors: int, profile: bool = False, every_steps: int | 
     cfg = AgentConfig()
     if every_steps is not None:
         cfg.predict.trend.every_steps = every_steps
-    history = History(
-        steps=cfg.history.steps,
-        max_series=cfg.limits.max_series,
-        max_matrix_bytes=cfg.history.max_matrix_bytes,
-        max_scalar_names=cfg.limits.max_scalar_names,
-        max_layouts=cfg.history.max_layouts,
-    )
+    history = History.from_config(cfg)
     pred = SeriesPredictor("bench", 0, cfg.predict)
     warm = cfg.predict.trend.warmup_steps + cfg.predict.trend.window
     msgs = messages(warm + count, tensors)
