@@ -53,24 +53,13 @@ def child(variant: str, steps: int, threads: int) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    import sentinel
     from examples.tiny_gpt import GPT, GPTConfig
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=8, n_head=12, n_embd=768, block_size=128))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    opt, sn = _optimizer(torch, model, variant)
     grads = [torch.randn_like(p) * 1e-3 for p in model.parameters()]
-    sn = None
-    if VARIANTS[variant] is not None:
-        sn = sentinel.attach(
-            model,
-            opt,
-            publish={"enabled": False},
-            stats={"enabled": False},
-            optim=VARIANTS[variant],
-            log_level="warning",
-        )
     times = []
     for _ in range(steps + 1):
         for p, g in zip(model.parameters(), grads):
@@ -85,24 +74,24 @@ def child(variant: str, steps: int, threads: int) -> None:
         sn.close()
 
 
+def _optimizer(torch, model, variant: str):
+    """AdamW over ``model``, with sentinel attached with ``variant``'s transforms (none for plain)."""
+    import sentinel
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    if VARIANTS[variant] is None:
+        return opt, None
+    sn = sentinel.attach(
+        model, opt, publish={"enabled": False}, stats={"enabled": False}, optim=VARIANTS[variant], log_level="warning"
+    )
+    return opt, sn
+
+
 def _model_and_optimizer(torch, variant: str, base):
     import copy
 
-    import sentinel
-
     model = copy.deepcopy(base)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
-    sn = None
-    if VARIANTS[variant] is not None:
-        sn = sentinel.attach(
-            model,
-            opt,
-            publish={"enabled": False},
-            stats={"enabled": False},
-            optim=VARIANTS[variant],
-            log_level="warning",
-        )
-    return model, opt, sn
+    return model, *_optimizer(torch, model, variant)
 
 
 def in_process(steps: int, threads: int) -> None:
