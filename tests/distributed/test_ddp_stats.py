@@ -10,10 +10,6 @@ models; the wire carries float32), and only rank 0 may appear.
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,41 +65,17 @@ def _worker(rank: int, port: int, endpoint: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_statistics_reach_the_agent_from_rank_0_equal_to_one_process(start_agent: Callable, tmp_path: Path) -> None:
+    from ranks import Ranks  # not at the top: the workers run this file without tests/ on their path
     from sentinel.examples.tiny_gpt import GPT
 
     agent = start_agent()
-    port = _free_port()
-    logs = [(tmp_path / f"rank{r}.log").open("w") for r in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE), str(r), str(port), agent.stats_endpoint],
-            stdout=logs[r],
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        for r in range(2)
-    ]
-    try:
+    with Ranks(HERE, agent.stats_endpoint, log_dir=tmp_path, cwd=ROOT) as ranks:
         cfg, _ = _setup()
         torch.manual_seed(0)
         expected, names, stats = _train(GPT(cfg).double(), slice(None), publish={"enabled": False})
-        deadline = time.monotonic() + 90
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            p.kill()
-        for f in logs:
-            f.close()
-    text = "\n".join((tmp_path / f"rank{r}.log").read_text() for r in range(2))
-    assert [p.returncode for p in procs] == [0, 0], text
+        codes = ranks.wait(90)
+    assert codes == [0, 0], ranks.log()
 
     scrape = agent.wait_for(lambda s: s.value("sentinel_training_step", run=RUN, rank=0) == STEPS - 1)
     assert {lab["rank"] for lab, _ in scrape.samples("sentinel_training_step") if lab["run"] == RUN} == {"0"}

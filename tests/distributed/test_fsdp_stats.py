@@ -15,10 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -134,37 +130,15 @@ def _worker(rank: int, port: int, out_dir: str, ckpt_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], str]:
+    from ranks import Ranks  # not at the top: the workers run this file without tests/ on their path
+
     tmp = tmp_path_factory.mktemp("fsdp")
-    port = _free_port()
-    logs = [(tmp / f"rank{r}.log").open("w") for r in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE), str(r), str(port), str(tmp), str(tmp / "ckpt")],
-            stdout=logs[r],
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        for r in range(2)
-    ]
-    try:
-        deadline = time.monotonic() + 120
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            p.kill()
-        for f in logs:
-            f.close()
-    text = "\n".join((tmp / f"rank{r}.log").read_text() for r in range(2))
-    assert [p.returncode for p in procs] == [0, 0], text
+    with Ranks(HERE, tmp, tmp / "ckpt", log_dir=tmp, cwd=ROOT) as ranks:
+        codes = ranks.wait(120)
+    text = ranks.log()
+    assert codes == [0, 0], text
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)], text
 
 

@@ -11,9 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -86,15 +83,10 @@ def _worker(rank: int, port: int, ckpt_dir: str, endpoint: str, out_dir: str, as
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_rollback_on_two_gloo_ranks_leaves_them_identical(tmp_path: Path, async_save: bool) -> None:
     import zmq
+    from ranks import Ranks  # not at the top: the workers run this file without tests/ on their path
 
     from agent.commands import Ack, Command, decode
 
@@ -102,45 +94,32 @@ def test_rollback_on_two_gloo_ranks_leaves_them_identical(tmp_path: Path, async_
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
-    ckpt, port = tmp_path / "ckpt", _free_port()
-    logs = [(tmp_path / f"rank{r}.log").open("w") for r in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE), str(r), str(port), str(ckpt), endpoint, str(tmp_path), str(int(async_save))],
-            stdout=logs[r],
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
+    ckpt = tmp_path / "ckpt"
     try:
-        peer, deadline = None, time.monotonic() + 90
-        while peer is None or not (tmp_path / "at-step").exists():
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "workers did not get there"
-            if router.poll(50):
-                peer, _ = router.recv_multipart()
-        assert (ckpt / "step-12" / ".good").is_file()
-        victim = ckpt / "step-12" / "__1_0.distcp"
-        raw = bytearray(victim.read_bytes())
-        raw[len(raw) // 2] ^= 0xFF
-        victim.write_bytes(bytes(raw))
-        cmd = Command(id="rb-gloo", run="gloo-rollback", action="rollback", args={"steps_back": 1, "skip": 2})
-        router.send_multipart([peer, cmd.encode()])
-        ack = None
-        while ack is None:
-            assert time.monotonic() < deadline, "no ack"
-            if router.poll(100):
-                msg = decode(router.recv_multipart()[1])
-                ack = msg if isinstance(msg, Ack) else None
-        for p in procs:
-            assert p.wait(timeout=max(1, deadline - time.monotonic())) == 0
+        with Ranks(HERE, ckpt, endpoint, tmp_path, int(async_save), log_dir=tmp_path) as ranks:
+            peer, deadline = None, time.monotonic() + 90
+            while peer is None or not (tmp_path / "at-step").exists():
+                assert time.monotonic() < deadline and ranks.running(), "workers did not get there"
+                if router.poll(50):
+                    peer, _ = router.recv_multipart()
+            assert (ckpt / "step-12" / ".good").is_file()
+            victim = ckpt / "step-12" / "__1_0.distcp"
+            raw = bytearray(victim.read_bytes())
+            raw[len(raw) // 2] ^= 0xFF
+            victim.write_bytes(bytes(raw))
+            cmd = Command(id="rb-gloo", run="gloo-rollback", action="rollback", args={"steps_back": 1, "skip": 2})
+            router.send_multipart([peer, cmd.encode()])
+            ack = None
+            while ack is None:
+                assert time.monotonic() < deadline, "no ack"
+                if router.poll(100):
+                    msg = decode(router.recv_multipart()[1])
+                    ack = msg if isinstance(msg, Ack) else None
+            assert ranks.wait(max(1.0, deadline - time.monotonic())) == [0, 0]
     finally:
-        for p in procs:
-            p.kill()
-        for f in logs:
-            f.close()
         router.close()
         ctx.term()
-    text = "".join((tmp_path / f"rank{r}.log").read_text() for r in range(2))
+    text = ranks.log()
     assert ack.status == "applied" and "to step-8" in ack.detail, (ack, text)
     assert "step-12 skipped" in text and "sha256" in text
 

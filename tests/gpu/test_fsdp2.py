@@ -7,20 +7,13 @@ two-rank equality checks are in tests/distributed/test_fsdp_stats.py (gloo).
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
+from agent_proc import free_port
 
 import sentinel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sharded_statistics_on_nccl_equal_unsharded() -> None:
@@ -29,7 +22,7 @@ def test_sharded_statistics_on_nccl_equal_unsharded() -> None:
     from sentinel.examples.torchrun_fsdp import sharded_gpt
     from torch.distributed.tensor.debug import CommDebugMode
 
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         cuda = torch.device("cuda", 0)
         cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
