@@ -34,6 +34,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -516,6 +517,14 @@ class Baselines:
         return None
 
 
+class Spread(NamedTuple):
+    """One message's update-ratio spread: max / median over its matrices (WeSaR, Nishida et al.)."""
+
+    value: float
+    baseline: float | None  # the early spread, once settled
+    matrices: int
+
+
 class TrendPredictors:
     """Every trend predictor of one run/rank; ``update`` returns their forecasts for the message.
 
@@ -539,7 +548,6 @@ class TrendPredictors:
         self._fitted_at: dict[Layout, int] = {}
         self._trending: set[Layout] = set()  # layouts whose last fit gave a forecast: refitted on every message
         self._out_rms_base: dict[tuple[str, ...], np.ndarray] = {}
-        self._spread_matrices = 0
 
     def update(self, msg: StatsMessage, series: SeriesHistory) -> list[Forecast] | None:
         """Forecasts of the predictors this message's layout feeds; None when no refit was due
@@ -579,7 +587,7 @@ class TrendPredictors:
         self._fitted_at.clear()
         self._trending.clear()
 
-    def _newly_past(self, msg: StatsMessage, spread: tuple[float, float | None] | None) -> bool:
+    def _newly_past(self, msg: StatsMessage, spread: Spread | None) -> bool:
         """Whether a value of this message is past its predictor's limit (new: the layout's last
         fit found nothing)."""
         c, stats, m = self.cfg, msg.layout.stats, msg.matrix
@@ -593,8 +601,8 @@ class TrendPredictors:
             past.append(
                 (m[:, stats.index("update_ratio")] >= c.update_ratio.limit) & ~self._excluded(msg.layout.tensors)
             )
-            value, start = spread
-            past.append(np.array([bool(start) and value / start >= c.update_ratio.max_spread_growth]))
+            start = spread.baseline
+            past.append(np.array([bool(start) and spread.value / start >= c.update_ratio.max_spread_growth]))
         stat = "sqrt_v_rms" if "sqrt_v_rms" in stats else "grad_rms"
         if c.adam_eps.enabled and stat in stats:
             v = m[:, stats.index(stat)]
@@ -817,28 +825,26 @@ class TrendPredictors:
                 out.append(f)
         return out
 
-    def _track_spread(self, msg: StatsMessage) -> tuple[float, float | None]:
+    def _track_spread(self, msg: StatsMessage) -> Spread:
         """Append this message's update-ratio spread (max / median over the matrices) to its
-        window, on every message; returns (spread, its early baseline or None)."""
+        window, on every message."""
         col = msg.matrix[:, msg.layout.stats.index("update_ratio")]
         with np.errstate(invalid="ignore"):
             keep = (col > 0) & (col < np.inf) & ~self._excluded(msg.layout.tensors)
         vals = col[keep].astype(np.float64)
         if len(vals) < 4:
-            return math.nan, None
+            return Spread(math.nan, None, len(vals))
         top = int(vals.argmax())
         spread = float(vals[top] / _median(vals))
         if self._spread and msg.step <= self._spread[-1][0]:
             self._spread.clear()  # a rollback: start the current timeline's window afresh
         self._spread.append((msg.step, spread, msg.layout.tensors[int(np.flatnonzero(keep)[top])]))
-        self._spread_matrices = len(vals)
-        return spread, self.baselines.update(("update_ratio_spread", ""), [spread])
+        return Spread(spread, self.baselines.update(("update_ratio_spread", ""), [spread]), len(vals))
 
-    def _update_spread(self, tracked: tuple[float, float | None]) -> list[Forecast]:
-        spread, base = tracked
+    def _update_spread(self, tracked: Spread) -> list[Forecast]:
+        spread, base, matrices = tracked
         if base is None or base <= 0 or not math.isfinite(spread):
             return []
-        matrices = self._spread_matrices
         grow = self.cfg.update_ratio.max_spread_growth
         steps = np.array([s for s, _, _ in self._spread][-self.cfg.trend.window :])
         ys = np.log(np.array([v for _, v, _ in self._spread][-self.cfg.trend.window :]) / base)[:, None]

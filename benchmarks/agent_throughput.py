@@ -69,14 +69,14 @@ def sample_value(text: str, name: str, run: str, rank: int = 0) -> float | None:
     return None
 
 
-def wait(condition, what: str, timeout: float = 600.0, interval: float = 0.001) -> None:
-    """Poll ``condition`` every ``interval`` seconds: back-to-back HTTP polls would take the agent's
-    CPU (and its interpreter lock) away from the very work being measured."""
+def wait(condition, what: str, timeout: float = 600.0) -> None:
+    """Poll ``condition`` every millisecond: back-to-back HTTP polls would take the agent's CPU (and
+    its interpreter lock) away from the very work being measured."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(interval)
+        time.sleep(0.001)
 
 
 def wait_received(url: str, target: int, rate: float) -> None:
