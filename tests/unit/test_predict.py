@@ -173,6 +173,9 @@ def test_update_ratio_explanation_names_layer_growth_and_eta():
     )
     truth = math.log(0.1 / (1e-3 * math.exp(k * 119))) / k
     assert top.eta_steps == pytest.approx(truth, rel=0.05)
+    spread = f.pred.top_forecasts()["update_ratio_spread"]  # 16 matrices: the norm gain and the bias are excluded
+    assert spread.layer == "h.3.mlp.c_proj.weight" and spread.evidence["matrices"] == 16
+    assert spread.message.startswith("update_ratio spread (max/median over 16 matrices) is ")
 
 
 def test_update_ratio_during_lr_warmup_is_not_growth():
