@@ -30,6 +30,7 @@ ACTIONS: dict[str, dict[str, tuple[type, float, float]]] = {
     "skip_batches": {"n": (int, 1, 10_000_000)},
     "rollback": {"steps_back": (int, 0, 10_000_000), "skip": (int, 0, 10_000_000)},
     "lr_scale": {"factor": (float, 1e-6, 1.0)},
+    "eps_scale": {"factor": (float, 1e-12, 1.0)},
     "stop": {},
 }
 ACK_STATUSES = ("applied", "duplicate", "rejected", "unknown_run", "failed")

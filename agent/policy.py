@@ -36,15 +36,25 @@ from agent.commands import ACTIONS, Command, CommandError, decode
 from agent.predict import DETECTORS, SEVERITIES, Detection, severity_rank
 from agent.typedconfig import ConfigError, build, option
 
-STRENGTH = {"warn": 0, "lr_scale": 1, "skip_update": 2, "skip_batches": 3, "rollback": 4, "stop": 5}
+STRENGTH = {"warn": 0, "eps_scale": 1, "lr_scale": 1, "skip_update": 2, "skip_batches": 3, "rollback": 4, "stop": 5}
 PALM_ROLLBACK = {"steps_back": 100, "skip": 200}
 DEFAULT_RULES = [
     {"detector": "nonfinite", "severity": "critical", "action": "rollback", "args": dict(PALM_ROLLBACK)},
     {"detector": "loss_spike", "severity": "critical", "action": "rollback", "args": dict(PALM_ROLLBACK)},
-    {"detector": "grad_norm_spike", "severity": "critical", "action": "skip_update", "args": {"steps": 1}},
     {"detector": "*", "severity": "warning", "action": "warn", "args": {}},
 ]
 SUPPRESS_REASONS = ("cooldown", "pending_rollback", "stopped")
+
+#: prevention's remedy per precursor detector: undo the trend and lower the LR, undo a bad write, lower ε
+REMEDIES = {
+    "attn_logit": "rollback_lr",
+    "log_z": "rollback_lr",
+    "update_ratio": "rollback_lr",
+    "update_ratio_spread": "rollback_lr",
+    "out_rms": "rollback_lr",
+    "param_integrity": "rollback",
+    "adam_eps": "eps",
+}
 
 
 @dataclass
@@ -71,6 +81,25 @@ class EscalationConfig:
 
 
 @dataclass
+class PreventionConfig:
+    enabled: bool = option(
+        False,
+        doc="Act on a critical forecast of a precursor detector before the loss moves (docs/policy.md, 'Prevention').",
+    )
+    detectors: list[str] = option(
+        list(REMEDIES), doc=f"Detectors prevention answers; each has its remedy ({', '.join(f'{k}: {v}' for k, v in REMEDIES.items())})."
+    )
+    lr_factor: float = option(0.5, range=(1e-6, 1.0), doc="lr_scale factor of the rollback_lr remedy.")
+    eps_factor: float = option(1e-3, range=(1e-12, 1.0), doc="eps_scale factor of the eps remedy (ε is only ever lowered).")
+    margin_steps: int = option(
+        10, range=(0, 1_000_000), doc="Steps before the trend's first point that the rollback goes back to."
+    )
+    max_steps_back: int = option(
+        1000, range=(1, 10_000_000), doc="A rollback to before a trend goes back at most this many steps."
+    )
+
+
+@dataclass
 class PolicyConfig:
     enabled: bool = option(True, doc="Turn detections into decisions (false: detect and export only).")
     rules: list[dict] = option(
@@ -88,6 +117,7 @@ class PolicyConfig:
         10_000, range=(1, 1_000_000_000), doc="Window of trained steps for `max_rollbacks`."
     )
     escalation: EscalationConfig = field(default_factory=EscalationConfig)
+    prevention: PreventionConfig = field(default_factory=PreventionConfig)
 
 
 def parse_rules(rules: list[dict], prefix: str = "policy.rules") -> list[Rule]:
@@ -206,7 +236,8 @@ class Policy:
         """The decision for ``det``; None when no rule matches or it was already decided."""
         if not self.cfg.enabled or self.is_duplicate(det):
             return None
-        match = next(((i, r) for i, r in enumerate(self.rules) if r.matches(det)), None)
+        prevention = self._prevention(det)
+        match = prevention or next(((i, r) for i, r in enumerate(self.rules) if r.matches(det)), None)
         if match is None:
             return None
         index, rule = match
@@ -253,6 +284,8 @@ class Policy:
                     if esc.lr_factor < 1.0:
                         extra.append(("lr_scale", {"factor": esc.lr_factor}))
                     why = f"; escalation level {level}: a spike again within {esc.within_steps} steps of the last rollback"
+        if prevention is not None and action == "rollback" and REMEDIES[det.detector] == "rollback_lr" and level == 0:
+            extra.append(("lr_scale", {"factor": self._prevention_lr(det)}))
         actions = [(action, args), *extra]
         text = f"{det.detector} ({det.severity}): {det.message} -> {describe_actions(actions)}{why}"[:1000]
         commands = tuple(
@@ -267,6 +300,34 @@ class Policy:
             for i, (a, kw) in enumerate(actions)
         )
         return Decision(did, det, st.epoch, clock, action, commands, index, level, text)
+
+    def _prevention(self, det: Detection) -> tuple[int, Rule] | None:
+        """Prevention's rule for a critical precursor detection (rule index -1), or None.
+
+        ``rollback_lr``: back to before the trend's first point (its ``span_steps`` plus
+        ``margin_steps``; at most to step 0), then ``lr_scale``: by ``lr_factor``, or for a jump in the
+        update ratios by its inverse (Adam's update is proportional to the LR, so this undoes an LR
+        fault).  ``rollback``: to before this step.  ``eps``: ``eps_scale(eps_factor)``.
+        """
+        p = self.cfg.prevention
+        if not p.enabled or det.severity != "critical" or det.detector not in p.detectors or det.detector not in REMEDIES:
+            return None
+        remedy = REMEDIES[det.detector]
+        if remedy == "eps":
+            return -1, Rule(det.detector, "critical", "eps_scale", {"factor": p.eps_factor})
+        span = det.evidence.get("span_steps") if remedy == "rollback_lr" else None
+        back = 1 if not isinstance(span, (int, float)) or not math.isfinite(span) else int(span) + p.margin_steps
+        back = max(1, min(back, p.max_steps_back, det.step))
+        return -1, Rule(det.detector, "critical", "rollback", {"steps_back": back, "skip": 0})
+
+    def _prevention_lr(self, det: Detection) -> float:
+        jump = det.evidence.get("jump")
+        lr, before = det.evidence.get("lr"), det.evidence.get("lr_before")
+        if isinstance(lr, float) and isinstance(before, float) and lr > before > 0:
+            return max(1e-6, min(1.0, before / lr))
+        if isinstance(jump, float) and jump > 1:
+            return max(1e-6, min(1.0, 1.0 / jump))
+        return self.cfg.prevention.lr_factor
 
     def commit(self, decision: Decision) -> None:
         """Apply a decision whose record was written (a suppressed one changes nothing)."""

@@ -16,7 +16,8 @@ Why it looks like this:
 Actions: ``warn`` (log), ``skip_update(steps)`` (``Sentinel.skip_updates``), ``skip_batches(n)``
 (advance the data position), ``rollback(steps_back, skip)`` (restore the newest good checkpoint
 at step <= current - steps_back, then skip ``skip`` batches), ``lr_scale(factor)`` (every param
-group and the LR scheduler; see :func:`scale_lr`), ``stop`` (``sn.should_stop``; ``sn.batches()``
+group and the LR scheduler; see :func:`scale_lr`), ``eps_scale(factor)`` (every param group's Adam ε;
+:func:`scale_eps`), ``stop`` (``sn.should_stop``; ``sn.batches()``
 ends).  This object also runs the step boundary: commands first, then checkpoint bookkeeping.
 """
 
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sentinel")
 
 # actions after which no checkpoint saved before them may become good
-CORRECTIVE = frozenset({"skip_update", "skip_batches", "rollback", "lr_scale"})
+CORRECTIVE = frozenset({"skip_update", "skip_batches", "rollback", "lr_scale", "eps_scale"})
 _RANK = {"failed": 0, "rejected": 1, "applied": 2}  # the all-reduced outcome is the worst rank's
 
 
@@ -143,6 +144,7 @@ class Control:
         self.rank = collectives.rank()
         self.handled: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (status, step)
         self.lr_factor = 1.0
+        self.eps_factor = 1.0
         self.applied = self.failed = self.rejected = self.duplicates = self.unknown_run = 0
         self.client: ControlClient | None = None
         if config.enabled and collectives.active():
@@ -290,6 +292,10 @@ class Control:
             scale_lr(sn.optimizer, sn.lr_scheduler, a["factor"])
             self.lr_factor *= a["factor"]
             return "applied", f"learning rates x{a['factor']:g} (cumulative x{self.lr_factor:g})"
+        if cmd.action == "eps_scale":
+            scale_eps(sn.optimizer, a["factor"])
+            self.eps_factor *= a["factor"]
+            return "applied", f"Adam ε x{a['factor']:g} in every param group (cumulative x{self.eps_factor:g})"
         if cmd.action == "stop":
             if ckpt is not None:
                 ckpt.wait()
@@ -319,23 +325,39 @@ class Control:
     # ---- state ----
 
     def state_dict(self) -> dict[str, Any]:
-        return {"handled": [[k, s, n] for k, (s, n) in self.handled.items()], "lr_factor": self.lr_factor}
+        return {
+            "handled": [[k, s, n] for k, (s, n) in self.handled.items()],
+            "lr_factor": self.lr_factor,
+            "eps_factor": self.eps_factor,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.handled = OrderedDict((str(k), (str(s), int(n))) for k, s, n in state.get("handled", []))
         self.lr_factor = float(state.get("lr_factor", 1.0))
+        self.eps_factor = float(state.get("eps_factor", 1.0))
 
     def after_restore(self, live: dict[str, Any]) -> None:
         """After a checkpoint restore: keep the live command history and LR factor, not the checkpoint's."""
-        saved_factor = self.lr_factor
+        saved_factor, saved_eps = self.lr_factor, self.eps_factor
         self.load_state_dict(live)
         if self.lr_factor != saved_factor and saved_factor > 0:
             scale_lr(self.sn.optimizer, self.sn.lr_scheduler, self.lr_factor / saved_factor)
+        if self.eps_factor != saved_eps and saved_eps > 0:
+            scale_eps(self.sn.optimizer, self.eps_factor / saved_eps)
 
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
             self.client = None
+
+
+def scale_eps(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Multiply every param group's ``eps`` by ``factor`` (the agent only ever lowers it: Wortsman et al.,
+    arXiv:2309.14322, §3.4: ε 1e-15 cures the ε-stall, a larger ε diverges)."""
+    for group in optimizer.param_groups:
+        value = group.get("eps")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            group["eps"] = value * factor
 
 
 LR_GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
