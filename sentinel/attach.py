@@ -21,7 +21,7 @@ import torch
 
 from agent.protocol import Layout
 from sentinel import stabilise
-from sentinel.adam import is_adam
+from sentinel.adam import GroupEps, is_adam
 from sentinel.checkpoint import CheckpointManager
 from sentinel.config import Config, load_config
 from sentinel.control import Control
@@ -64,6 +64,7 @@ class Sentinel:
         self._pre_hook: Any = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._layouts: dict[tuple, Layout] = {}
+        self._eps: GroupEps | None = None
         self._roles: tuple[str, ...] = ()
         self._last_time = time.perf_counter()  # step 0's duration is measured from attach
         self._transfer = HostTransfer()
@@ -126,6 +127,8 @@ class Sentinel:
         if role_error is not None:
             log.warning("sentinel: no role map (%s); parameter rows are sent as 'matrix' or 'vector'", role_error)
         self._roles = param_roles(role_map, self._names, self._params)
+        if is_adam(optimizer):
+            self._eps = GroupEps(optimizer, self._group_of, self._params)
         self.chain = Chain(transforms)
         on = [name for name in transforms if name not in ("guard", "stats")] + (
             ["guard"] if config.optim.guard.enabled else []
@@ -260,6 +263,8 @@ class Sentinel:
             values["grad_norm"] = pending[1]
         if self.chain is not None:
             values.update(self.chain.scalars())
+        if self._eps is not None:
+            values.setdefault("adam_eps", self._eps.minimum())  # the ε tuner's, when on
         if self.optimizer.param_groups:
             values.setdefault("lr", float(self.optimizer.param_groups[0]["lr"]))
         values["step_duration_seconds"] = now - self._last_time
@@ -273,6 +278,8 @@ class Sentinel:
         if pending is not None:
             matrix, stat_names = pending[0], self.stats.stats
             extra = self.chain.columns()
+            if self._eps is not None and "adam_eps" not in extra:  # the tuner's ε when it is on, else the group's
+                extra["adam_eps"] = self._eps.column()
             if extra:
                 matrix = torch.cat([matrix, torch.stack([c.to(matrix) for c in extra.values()], dim=1)], dim=1)
                 stat_names += tuple(extra)
