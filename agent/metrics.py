@@ -81,7 +81,8 @@ STAT_FAMILIES: dict[str, tuple[str, str]] = {
     ),
     "adam_eps": (
         "sentinel_param_adam_epsilon",
-        "Adam epsilon in effect for one parameter tensor after sentinel's eps auto-tuning (gradient units).",
+        "Adam epsilon in effect for one parameter tensor: its param group's, or the one sentinel's eps "
+        "auto-tuning set (gradient units).",
     ),
     "wesar_gate": (
         "sentinel_param_wesar_gate",

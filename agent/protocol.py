@@ -5,8 +5,8 @@ sidecar runs without torch.  A message is three ZeroMQ frames:
 
 1. header  -- UTF-8 JSON object: version, run, rank, step, time, counters, layout id;
 2. layout  -- UTF-8 JSON object naming the scalars, the per-tensor statistics and the
-              tensors; its id is a hash of these bytes, so the receiver decodes it only
-              the first time it sees an id;
+              tensors (and, optionally, each tensor's role); its id is a hash of these
+              bytes, so the receiver decodes it only the first time it sees an id;
 3. data    -- little-endian float32: the scalars, then a tensors x stats matrix, row-major.
 
 Nothing is unpickled: JSON and raw float32 only.
@@ -26,6 +26,9 @@ KIND_STATS = "stats"
 DTYPE = np.dtype("<f4")
 MAX_RUN_NAME = 128
 MAX_NAME = 256
+MAX_ROLE = 64
+#: roles of parameter rows that are not weight matrices (gains, biases, other 1-D tensors)
+VECTOR_ROLES = ("norm", "bias", "vector")
 INT64_MAX = (1 << 63) - 1
 
 REJECT_REASONS = (
@@ -54,31 +57,40 @@ class ProtocolError(ValueError):
 @dataclass(frozen=True)
 class Layout:
     """The names behind a message's numbers; a dictionary key on the agent's hot path, so its hash
-    (over 1,000 tensor names, say) is computed once."""
+    (over 1,000 tensor names, say) is computed once.
+
+    ``roles`` is empty or parallel to ``tensors``: what each row is (``"qkv"``, ``"norm"``,
+    ``"matrix"``...; docs/protocol.md lists the values), so the agent can tell weight matrices
+    from gains and biases whatever the model's naming style.  It is encoded only when non-empty,
+    so a layout without roles keeps the bytes, and the id, it always had.
+    """
 
     scalars: tuple[str, ...]
     stats: tuple[str, ...]
     tensors: tuple[str, ...]
+    roles: tuple[str, ...] = ()
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.scalars, self.stats, self.tensors)))
+        if self.roles and len(self.roles) != len(self.tensors):
+            raise ValueError(f"{len(self.roles)} roles for {len(self.tensors)} tensors")
+        object.__setattr__(self, "_hash", hash((self.scalars, self.stats, self.tensors, self.roles)))
 
     def __hash__(self) -> int:
         return self._hash
 
     def __reduce__(self) -> tuple:
-        return Layout, (self.scalars, self.stats, self.tensors)  # str hashes differ between processes
+        return Layout, (self.scalars, self.stats, self.tensors, self.roles)  # str hashes differ between processes
 
     @property
     def size(self) -> int:
         return len(self.scalars) + len(self.stats) * len(self.tensors)
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {"scalars": list(self.scalars), "stats": list(self.stats), "tensors": list(self.tensors)},
-            separators=(",", ":"),
-        ).encode()
+        obj = {"scalars": list(self.scalars), "stats": list(self.stats), "tensors": list(self.tensors)}
+        if self.roles:
+            obj["roles"] = list(self.roles)
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def layout_id(layout_bytes: bytes) -> str:
@@ -150,6 +162,11 @@ def _int_field(header: dict, key: str) -> int:
     return value
 
 
+def _valid_role(value: object) -> bool:
+    """A str of 0..MAX_ROLE characters that encodes as UTF-8 ("" is a row of no particular role)."""
+    return value == "" or _valid_text(value, MAX_ROLE)
+
+
 def _parse_layout(raw: bytes) -> Layout:
     obj = _json(raw, "malformed_layout")
     if not isinstance(obj, dict):
@@ -164,7 +181,12 @@ def _parse_layout(raw: bytes) -> Layout:
         if len(set(names)) != len(names):
             raise ProtocolError("malformed_layout", f"{key}: duplicate names")
         parts.append(tuple(names))
-    return Layout(*parts)
+    roles = obj.get("roles", [])
+    if not isinstance(roles, list) or ("roles" in obj and len(roles) != len(parts[2])):
+        raise ProtocolError("malformed_layout", "roles is not a list with one entry per tensor")
+    if not all(_valid_role(r) for r in roles):
+        raise ProtocolError("malformed_layout", f"roles must be UTF-8 strings of 0..{MAX_ROLE} characters")
+    return Layout(*parts, roles=tuple(roles))
 
 
 def decode(frames: list[bytes], layouts: dict[str, Layout], *, max_bytes: int, max_layouts: int = 1024) -> StatsMessage:

@@ -7,7 +7,8 @@ never holds more than ``max_file_bytes x max_files`` bytes of disk.  Each file s
 
 1. ``{"type": "recording", "format": "sentinel-stats", "v": 1, "run": ..., "created": ...}``
 2. ``{"type": "layout", "id": "<16 hex>", "scalars": [...], "stats": [...], "tensors": [...]}``
-   before the first message that uses a layout (the id is the protocol's layout id);
+   before the first message that uses a layout (the id is the protocol's layout id), with
+   ``"roles": [...]`` (one per tensor) when the layout carries roles;
 3. ``{"type": "stats", "run", "rank", "step", "time", "received", "seq", "sent", "dropped",
    "layout": "<id>", "scalars": [...], "matrix": "<base64>"}``: ``scalars`` in layout order,
    with non-finite values as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``;
@@ -108,8 +109,11 @@ class _File:
     def write(self, msg: StatsMessage, received_at: float, lid: str) -> None:
         if lid not in self.layouts:
             lay = msg.layout
-            self._line({"type": "layout", "id": lid, "scalars": list(lay.scalars), "stats": list(lay.stats),
-                        "tensors": list(lay.tensors)})  # fmt: skip
+            line = {"type": "layout", "id": lid, "scalars": list(lay.scalars), "stats": list(lay.stats),
+                    "tensors": list(lay.tensors)}  # fmt: skip
+            if lay.roles:
+                line["roles"] = list(lay.roles)
+            self._line(line)
             self.layouts.add(lid)
         head = {
             "type": "stats",
@@ -297,7 +301,7 @@ def read_recording(
                 try:
                     rec = json.loads(raw)
                     if rec["type"] == "layout":
-                        layouts[rec["id"]] = Layout(tuple(rec["scalars"]), tuple(rec["stats"]), tuple(rec["tensors"]))
+                        layouts[rec["id"]] = _layout_line(rec)
                         continue
                     if rec["type"] == "risk" and risk is not None:
                         risk.append(_risk_line(rec))
@@ -324,6 +328,14 @@ def read_recording(
                 except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
                     if skipped is not None:
                         skipped.append(f"{path}:{number}: {type(exc).__name__}: {exc}"[:300])
+
+
+def _layout_line(rec: dict) -> Layout:
+    names = [rec[k] for k in ("scalars", "stats", "tensors")]
+    roles = rec.get("roles", [])
+    if not all(isinstance(x, list) and all(isinstance(n, str) for n in x) for x in (*names, roles)):
+        raise TypeError("layout names are not lists of strings")
+    return Layout(*map(tuple, names), roles=tuple(roles))  # a roles list of the wrong length: ValueError
 
 
 def _risk_line(rec: dict) -> dict:

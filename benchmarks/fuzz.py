@@ -183,6 +183,9 @@ def base_layouts(rng: random.Random) -> list[protocol.Layout]:
         protocol.Layout(("loss",), (), ()),
         protocol.Layout((), ("out_rms", "attn_logit_max"), ("blocks.0.attn", "blocks.1.attn")),
         protocol.Layout(("lösß", "🙂"), ("grad_l2",), ("层.0", "x" * protocol.MAX_NAME)),
+        protocol.Layout(
+            ("loss",), ("grad_l2",), ("h.0.attn.qkv.weight", "h.0.ln1.weight", "h.0.x"), roles=("qkv", "norm", "")
+        ),
     ]
 
 
@@ -210,7 +213,7 @@ def mutate_stats(rng: random.Random, layouts: list[protocol.Layout]) -> list[byt
         return frames
     if kind in (6, 7):  # a new layout whose id matches, so that it gets parsed
         layout = json.loads(frames[1])
-        key = rng.choice(("scalars", "stats", "tensors", random_text(rng, 6)))
+        key = rng.choice(("scalars", "stats", "tensors", "roles", random_text(rng, 6)))
         choice = rng.randrange(5)
         if choice == 0:
             layout[key] = random_json(rng)

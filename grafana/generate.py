@@ -489,11 +489,12 @@ def optimizer() -> dashboard.Dashboard:
                 width=24,
             )
         )
-        .with_row(dashboard.Row("Adam ε auto-tuning"))
+        .with_row(dashboard.Row("Adam ε"))
         .with_panel(
             _series(
                 "ε per tensor",
-                "Adam ε in effect for each tensor after auto-tuning (never above the optimizer's ε).",
+                "Adam ε in effect for each tensor: its param group's, or the one auto-tuning set (never above "
+                "the optimizer's ε).",
                 [_query(f"sentinel_param_adam_epsilon{{{RUN_RANK}}}", "{{param}}")],
                 log=True,
             )

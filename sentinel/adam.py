@@ -124,3 +124,38 @@ def adam_chunks(
                 wd=wd,
                 on_host=on_host,
             )
+
+
+class GroupEps:
+    """The ε each tensor's Adam/AdamW param group divides its update by, as a device column.
+
+    Why: the agent compares √v̂ with the ε actually in force (1e-6 or 1e-15, not a configured
+    1e-8).  ε is a constant of its group, so the column (and its minimum) is built once, and
+    again only when a group's ``eps`` changes: one look at the groups per call, no copy to the
+    device, no sync.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group_of: Sequence[int], params: Sequence[Tensor]):
+        self.optimizer, self.group_of = optimizer, list(group_of)
+        self.device = local(params[0]).device if params else torch.device("cpu")
+        self._key: tuple[float, ...] | None = None
+        self._column = self._min = torch.zeros(0)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        key = tuple(float(g["eps"]) for g in self.optimizer.param_groups)
+        if key != self._key:
+            eps = [key[g] for g in self.group_of] or [min(key, default=0.0)]
+            self._column = torch.tensor(eps, dtype=torch.float32, device=self.device)
+            self._min = self._column.min()
+            self._key = key
+
+    def column(self) -> Tensor:
+        """Per tensor, its group's ε (float32, on the parameters' device)."""
+        self._refresh()
+        return self._column
+
+    def minimum(self) -> Tensor:
+        """The smallest ε over the tensors (a 0-dim tensor on the parameters' device)."""
+        self._refresh()
+        return self._min

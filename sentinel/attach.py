@@ -21,7 +21,7 @@ import torch
 
 from agent.protocol import Layout
 from sentinel import stabilise
-from sentinel.adam import is_adam
+from sentinel.adam import GroupEps, is_adam
 from sentinel.checkpoint import CheckpointManager
 from sentinel.config import Config, load_config
 from sentinel.control import Control
@@ -30,7 +30,7 @@ from sentinel.optim import Chain, Guard, StepContext, optimizer_params
 from sentinel.optim import build as build_transforms
 from sentinel.probes import Probes
 from sentinel.publish import HostTransfer, Publisher
-from sentinel.roles import roles_from_config
+from sentinel.row_roles import param_roles, require, role_map_or_error
 from sentinel.stats import StatsTap, TensorStats
 from sentinel.te import Fp8CacheRefresh, is_te_module
 
@@ -63,6 +63,9 @@ class Sentinel:
         self.fp8_refresh: Fp8CacheRefresh | None = None
         self._pre_hook: Any = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._layouts: dict[tuple, Layout] = {}
+        self._eps: GroupEps | None = None
+        self._roles: tuple[str, ...] = ()
         self._last_time = time.perf_counter()  # step 0's duration is measured from attach
         self._transfer = HostTransfer()
         self.stats: TensorStats | None = None
@@ -84,11 +87,14 @@ class Sentinel:
         self._names = tuple(
             param_names.get(id(p), f"group{g}.param{i}") for i, (p, g) in enumerate(zip(self._params, self._group_of))
         )
+        role_map, role_error = role_map_or_error(model, config)  # once, for every part that needs roles
         st = config.stabilise
         if st.init != "keep" or st.scaled_embed or st.embed_ln:
-            self._stabilisers = stabilise.apply(model, st, roles_from_config(model, config))
+            self._stabilisers = stabilise.apply(model, st, require(role_map, role_error))
             self._hooks += self._stabilisers.hooks
-        transforms = build_transforms(model, optimizer, config, self._params, self._group_of, self._names)
+        transforms = build_transforms(
+            model, optimizer, config, self._params, self._group_of, self._names, role_map=role_map
+        )
         self.fp8_refresh = Fp8CacheRefresh(model) if any(map(is_te_module, model.modules())) else None
         if st.init != "keep" or (config.optim.wesar.enabled and config.optim.wesar.init == "wesar"):
             self.weights_changed("re-initialisation at attach")
@@ -118,6 +124,11 @@ class Sentinel:
                 mode,
                 extra,
             )
+        if role_error is not None:
+            log.warning("sentinel: no role map (%s); parameter rows are sent as 'matrix' or 'vector'", role_error)
+        self._roles = param_roles(role_map, self._names, self._params)
+        if is_adam(optimizer):
+            self._eps = GroupEps(optimizer, self._group_of, self._params)
         self.chain = Chain(transforms)
         on = [name for name in transforms if name not in ("guard", "stats")] + (
             ["guard"] if config.optim.guard.enabled else []
@@ -135,7 +146,7 @@ class Sentinel:
         self.checkpoints = CheckpointManager.create(self, config.checkpoint)
         self.control = Control(self, config.control)
         if config.probes.enabled and self.publisher is not None:  # ranks that publish nothing probe nothing
-            self.probes = _make_probes(model, config)
+            self.probes = Probes.start(model, config.probes, role_map)
 
     def _stats_due(self) -> bool:
         return self.stats is not None and self.step % self.config.stats.every == 0
@@ -252,6 +263,8 @@ class Sentinel:
             values["grad_norm"] = pending[1]
         if self.chain is not None:
             values.update(self.chain.scalars())
+        if self._eps is not None:
+            values.setdefault("adam_eps", self._eps.minimum())  # the ε tuner's, when on
         if self.optimizer.param_groups:
             values.setdefault("lr", float(self.optimizer.param_groups[0]["lr"]))
         values["step_duration_seconds"] = now - self._last_time
@@ -265,17 +278,26 @@ class Sentinel:
         if pending is not None:
             matrix, stat_names = pending[0], self.stats.stats
             extra = self.chain.columns()
+            if self._eps is not None and "adam_eps" not in extra:  # the tuner's ε when it is on, else the group's
+                extra["adam_eps"] = self._eps.column()
             if extra:
                 matrix = torch.cat([matrix, torch.stack([c.to(matrix) for c in extra.values()], dim=1)], dim=1)
                 stat_names += tuple(extra)
             parts.append(matrix.reshape(-1))
-        layout = Layout(
-            scalars=tuple(values),
-            stats=stat_names,
-            tensors=self._names if pending is not None else (),
-        )
+        layout = self._layout(tuple(values), stat_names, pending is not None)
         for data, (step, lay) in self._transfer.submit(torch.cat(parts), (self.step, layout)):
             self.publisher.publish(step, lay, data)
+
+    def _layout(self, scalars: tuple[str, ...], stats: tuple[str, ...], rows: bool) -> Layout:
+        """The message layout, made once per combination (its hash covers every tensor name)."""
+        key = (scalars, stats, rows)
+        lay = self._layouts.get(key)
+        if lay is None:
+            if len(self._layouts) > 64:
+                self._layouts.clear()
+            tensors, roles = (self._names, self._roles) if rows else ((), ())
+            lay = self._layouts[key] = Layout(scalars=scalars, stats=stats, tensors=tensors, roles=roles)
+        return lay
 
     def batches(self, iterable: Iterable[Any]) -> Iterator[Any]:
         """Iterate ``iterable`` as one pass, tracking the position for resumption."""
@@ -333,28 +355,6 @@ class Sentinel:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _make_probes(model: torch.nn.Module, config: Config) -> Probes | None:
-    """The forward probes, armed for step 0; None (logged) when the model's roles cannot be read."""
-    from sentinel.roles import roles_from_config
-
-    try:
-        c = config.probes
-        probes = Probes(
-            model, roles_from_config(model, config), every=c.every, sample=c.sample, top_heads=c.top_heads,
-            bounds=c.bounds,
-        )  # fmt: skip
-    except Exception:
-        log.exception("sentinel: forward probes could not be set up; training continues without them")
-        return None
-    p = probes.plan
-    log.info(
-        "sentinel: forward probes every %d step(s): %d linears, %d attention, %d blocks, %d norms",
-        c.every, len(p.linears), len(p.attentions), len(p.blocks), len(p.norms),
-    )  # fmt: skip
-    probes.begin_step(0)
-    return probes
 
 
 def attach(

@@ -99,10 +99,11 @@ def make_frames(
     dropped: int = 0,
     seq: int | None = None,
     time_: float | None = None,
+    roles: Sequence[str] = (),
 ) -> list[bytes]:
     """The three frames of a valid v1 message; ``matrix`` has shape (len(tensors), len(stats))."""
     scalars = scalars or {}
-    layout = protocol.Layout(tuple(scalars), tuple(stats), tuple(tensors))
+    layout = protocol.Layout(tuple(scalars), tuple(stats), tuple(tensors), tuple(roles))
     raw = layout.encode()
     if matrix is None:
         matrix = np.zeros((len(tensors), len(stats)))

@@ -82,8 +82,8 @@ PANELS = (
     (
         "adam_eps",
         "Adam ε per tensor",
-        "The ε the ε-tuner set per tensor (Wortsman et al. §3.4: ε must stay below the gradient RMS); "
-        "tensors in the same bucket share a line.",
+        "The ε in force per tensor: its param group's, or what the ε-tuner set (Wortsman et al. §3.4: ε must "
+        "stay below the gradient RMS); tensors with the same ε share a line.",
     ),
     (
         "wesar_gate",
@@ -118,7 +118,7 @@ def _figure(key: str, rd: RunData, marks: Marks):
         )  # fmt: skip
     if key == "adam_eps":
         return plots.transform_lines(
-            rd, "adam_eps", title=f"Run {rd.run}: Adam ε per tensor (ε-tuning)", ylabel="Adam ε (log scale)",
+            rd, "adam_eps", title=f"Run {rd.run}: Adam ε in force per tensor", ylabel="Adam ε (log scale)",
             marks=marks,
         )  # fmt: skip
     if key == "wesar_gate":

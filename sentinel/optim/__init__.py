@@ -10,6 +10,8 @@ requested skips (``sn.skip_updates``, the agent's skip_update command).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -31,19 +33,23 @@ def build(
     params: list[Tensor],
     group_of: list[int],
     names: tuple[str, ...],
+    role_map: Any = None,
 ) -> dict[str, Transform]:
-    """The transforms the config turns on, constructed in dependency order (WeSaR adds a param group)."""
+    """The transforms the config turns on, constructed in dependency order (WeSaR adds a param group).
+
+    ``role_map``: the model's :class:`sentinel.roles.RoleMap` when the caller has one (else made here).
+    """
     cfg = config.optim
     g = cfg.guard
     transforms: dict[str, Transform] = {
         "guard": Guard(action=g.action, z=g.z, alpha=g.alpha, warmup=g.warmup, detect=g.enabled)
     }
     roles: dict[str, str] = {}
-    role_map = None
     if cfg.wesar.enabled or cfg.clamp.enabled:
         from sentinel.roles import assign_roles
 
-        role_map = assign_roles(model, config.roles.preset, config.roles.overrides)
+        if role_map is None:
+            role_map = assign_roles(model, config.roles.preset, config.roles.overrides)
         for name in names:
             r = role_map.get(name)
             if r is not None:

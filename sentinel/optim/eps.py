@@ -122,8 +122,10 @@ class EpsTune(Transform):
         return {"adam_eps": (self.user_eps / self.scale).float()}
 
     def scalars(self) -> dict[str, Tensor]:
+        """``adam_eps`` (what the agent compares √v̂ with) is the smallest effective ε, as ``adam_eps_min``."""
         eff = self.user_eps / self.scale
-        return {"adam_eps_min": eff.min(), "adam_eps_max": eff.max()}
+        low = eff.min()
+        return {"adam_eps": low, "adam_eps_min": low, "adam_eps_max": eff.max()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale.cpu().clone(), "calls": self.calls, "tuned": self.tuned}

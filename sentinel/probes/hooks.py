@@ -113,6 +113,26 @@ class Probes:
         for note in self.plan.notes:
             log.info("sentinel probes: %s", note)
 
+    @classmethod
+    def start(cls, model: torch.nn.Module, config: Any, roles: RoleMap | None) -> Probes | None:
+        """The probes of ``config`` (the ``probes`` section), armed for step 0; None (logged) when they cannot be."""
+        if roles is None:
+            log.error("sentinel: forward probes need the role map, which could not be built; no probes")
+            return None
+        try:
+            c = config
+            probes = cls(model, roles, every=c.every, sample=c.sample, top_heads=c.top_heads, bounds=c.bounds)
+        except Exception:
+            log.exception("sentinel: forward probes could not be set up; training continues without them")
+            return None
+        p = probes.plan
+        log.info(
+            "sentinel: forward probes every %d step(s): %d linears, %d attention, %d blocks, %d norms",
+            c.every, len(p.linears), len(p.attentions), len(p.blocks), len(p.norms),
+        )  # fmt: skip
+        probes.begin_step(0)
+        return probes
+
     def _bounds_possible(self) -> bool:
         p = self.plan
         why = None
@@ -312,11 +332,12 @@ class Probes:
             self._error("collect", "packing probe statistics failed")
             return []
 
-    def _layout(self, scalars: tuple[str, ...], stats: tuple[str, ...], rows: tuple[str, ...]) -> Layout:
+    def _layout(self, group: str, scalars: tuple[str, ...], stats: tuple[str, ...], rows: tuple[str, ...]) -> Layout:
         key = (scalars, stats, rows)
         lay = self._layouts.get(key)
         if lay is None:
-            lay = self._layouts[key] = Layout(scalars=scalars, stats=stats, tensors=rows)
+            roles = self.plan.row_roles(group, rows)
+            lay = self._layouts[key] = Layout(scalars=scalars, stats=stats, tensors=rows, roles=roles)
         return lay
 
     def _group(self, name: str, rows: list[str], vectors: list[torch.Tensor], scalars=()) -> tuple | None:
@@ -325,7 +346,7 @@ class Probes:
         matrix = torch.stack([v.reshape(-1).float() for v in vectors])
         parts = [torch.stack([s.reshape(()).float() for s in scalars])] if scalars else []
         names = HEAD_SCALARS if scalars else ()
-        return self._layout(names, self.stats[name], tuple(rows)), torch.cat([*parts, matrix.reshape(-1)])
+        return self._layout(name, names, self.stats[name], tuple(rows)), torch.cat([*parts, matrix.reshape(-1)])
 
     def _pack(self, values: dict) -> list[tuple[Layout, torch.Tensor]]:
         p = self.plan
@@ -369,7 +390,7 @@ class Probes:
             complete = self.bounds and all(len(v) == 3 for v in vecs)  # a bound needs its block's attention row
             stats = self.stats["block"] if complete else GROUP_STATS["block"]
             matrix = torch.stack([torch.stack(v if complete else v[:1]) for v in vecs])
-            out.append((self._layout((), stats, tuple(rows)), matrix.reshape(-1)))
+            out.append((self._layout("block", (), stats, tuple(rows)), matrix.reshape(-1)))
         simple("embedding", "_on_embedding", p.embeddings)
         simple("norm", "_on_norm", p.norms)
         rows = [n for n in p.heads if ("_on_head", n) in values]

@@ -10,6 +10,11 @@ head are the modules holding those roles (a tied head keeps its own role).  *Nor
 modules holding a norm-role parameter, or named ``*Norm`` by class, and fused norm+linear
 modules.  The FFN's input x′ (Takase's σx′) is read at the block's last direct-child norm (the
 pre-FFN norm of pre-LN blocks) or, for a fused MLP with its own norm, at the MLP's input.
+
+Each probed module also has a role for the layout's ``roles`` (docs/protocol.md): a linear the
+role of the matrix that made it one (the first of ``OUTPUT_ROLE`` it holds), an embedding
+``embedding`` or ``pos_embedding``, a head ``head``, a norm ``norm``, an attention module
+``attention``, a block ``block`` (:meth:`ProbePlan.row_roles`).
 """
 
 from __future__ import annotations
@@ -64,6 +69,12 @@ class ProbePlan:
     d_ffn: int | None
     n_heads: int | None
     notes: list[str] = field(default_factory=list)
+    roles: dict[str, str] = field(default_factory=dict)  # linear or embedding module -> its matrix's role
+
+    def row_roles(self, group: str, rows: tuple[str, ...]) -> tuple[str, ...]:
+        """The role of each row of probe group ``group`` (module names), "" where the plan knows none."""
+        fixed = {"attention": "attention", "block": "block", "norm": "norm", "head": "head"}.get(group)
+        return tuple(fixed or self.roles.get(r, "") for r in rows)
 
 
 def _role_of(rm: RoleMap, name: str) -> str | None:
@@ -97,6 +108,7 @@ def make_plan(model: torch.nn.Module, rm: RoleMap) -> ProbePlan:
     blocks: dict[str, BlockPlan] = {}
     embeddings, heads, norm_set = [], [], set()
     notes: list[str] = []
+    module_roles: dict[str, str] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         role = _role_of(rm, pname)
         mod = pname.rpartition(".")[0]
@@ -106,6 +118,7 @@ def make_plan(model: torch.nn.Module, rm: RoleMap) -> ProbePlan:
             norm_set.add(mod)
         elif role in ("embedding", "pos_embedding") and mod not in embeddings:
             embeddings.append(mod)
+            module_roles[mod] = role
         elif role == "head" and mod not in heads:
             heads.append(mod)
         elif role in BLOCK_ROLES and p.dim() >= 2:
@@ -121,7 +134,8 @@ def make_plan(model: torch.nn.Module, rm: RoleMap) -> ProbePlan:
             norm_set.add(name)
     linears = {}
     for mod, roles in linear_roles.items():
-        linears[mod] = next(OUTPUT_ROLE[r] for r in OUTPUT_ROLE if r in roles)
+        module_roles[mod] = next(r for r in OUTPUT_ROLE if r in roles)
+        linears[mod] = OUTPUT_ROLE[module_roles[mod]]
     attentions = {}
     for b in blocks.values():
         attn = [n.rpartition(".")[0] for n in b.qkv + b.o]
@@ -154,4 +168,5 @@ def make_plan(model: torch.nn.Module, rm: RoleMap) -> ProbePlan:
         d_ffn=rm.d_ffn,
         n_heads=rm.n_heads,
         notes=notes,
+        roles=module_roles,
     )

@@ -102,7 +102,7 @@ def test_header_fields_with_arbitrary_json(targets, seed, changes):
 
 
 @JSON_SETTINGS
-@given(st.integers(0, 2**16), st.sampled_from(("scalars", "stats", "tensors")), json_values)
+@given(st.integers(0, 2**16), st.sampled_from(("scalars", "stats", "tensors", "roles")), json_values)
 def test_layouts_with_arbitrary_json_and_a_matching_id(targets, seed, key, value):
     frames = valid_stats(seed)
     layout = {**json.loads(frames[1]), key: value}

@@ -185,3 +185,71 @@ def test_layout_names_must_be_a_list():
     layout = b'{"scalars": "abc", "stats": [], "tensors": []}'
     frames = with_header(make_frames(scalars={"a": 1, "b": 2, "c": 3}), layout=layout_id(layout))
     assert reason_of([frames[0], layout, frames[2]]) == "malformed_layout"
+
+
+# Roles: an optional layout field, parallel to tensors (docs/protocol.md, "Frame 2: layout").
+
+ROLED = Layout(("loss",), ("grad_l2",), ("h.0.attn.qkv.weight", "h.0.ln1.weight", "h.0.ln1.bias"), ("qkv", "norm", ""))
+
+
+def _frames_for(layout: Layout) -> list[bytes]:
+    frames = good(scalars={n: 1.0 for n in layout.scalars}, stats=layout.stats, tensors=layout.tensors,
+                  matrix=np.zeros((len(layout.tensors), len(layout.stats))))  # fmt: skip
+    raw = layout.encode()
+    return [with_header(frames, layout=layout_id(raw))[0], raw, frames[2]]
+
+
+def test_layout_roles_round_trip():
+    msg = decode(_frames_for(ROLED), {}, max_bytes=MAX)
+    assert msg.layout == ROLED and msg.layout.roles == ("qkv", "norm", "")
+    assert json.loads(ROLED.encode())["roles"] == ["qkv", "norm", ""]
+
+
+def test_layout_without_roles_keeps_its_bytes_and_id():
+    plain = Layout(ROLED.scalars, ROLED.stats, ROLED.tensors)
+    raw = b'{"scalars":["loss"],"stats":["grad_l2"],"tensors":["h.0.attn.qkv.weight","h.0.ln1.weight","h.0.ln1.bias"]}'
+    assert plain.encode() == raw and layout_id(plain.encode()) == layout_id(raw)
+    assert decode(_frames_for(plain), {}, max_bytes=MAX).layout.roles == ()
+    assert plain != ROLED and hash(plain) != hash(ROLED) and layout_id(ROLED.encode()) != layout_id(raw)
+
+
+def test_layout_roles_survive_pickling():
+    import pickle
+
+    back = pickle.loads(pickle.dumps(ROLED))
+    assert back == ROLED and back.roles == ROLED.roles and hash(back) == hash(ROLED)
+
+
+def test_layout_refuses_roles_not_parallel_to_tensors():
+    with pytest.raises(ValueError, match="roles"):
+        Layout((), ("grad_l2",), ("a", "b"), ("qkv",))
+
+
+@pytest.mark.parametrize(
+    "roles",
+    [
+        "qkv",  # not a list
+        ["qkv", "norm"],  # fewer than tensors
+        [],  # present but empty while there are tensors
+        ["qkv", "norm", "bias", "extra"],
+        ["qkv", 3, "bias"],
+        ["qkv", None, "bias"],
+        ["qkv", "x" * (protocol.MAX_ROLE + 1), "bias"],
+        ["qkv", "\ud800", "bias"],  # a lone surrogate: not UTF-8
+    ],
+)
+def test_malformed_roles_are_rejected(roles):
+    obj = json.loads(ROLED.encode())
+    obj["roles"] = roles
+    raw = json.dumps(obj).encode()
+    frames = _frames_for(ROLED)
+    assert reason_of([with_header(frames, layout=layout_id(raw))[0], raw, frames[2]]) == "malformed_layout"
+
+
+def test_unknown_layout_keys_are_ignored():
+    """What lets an old agent read a layout with roles: keys it does not know are skipped."""
+    obj = {**json.loads(ROLED.encode()), "future": {"x": 1}}
+    raw = json.dumps(obj).encode()
+    frames = _frames_for(ROLED)
+    msg = decode([with_header(frames, layout=layout_id(raw))[0], raw, frames[2]], {}, max_bytes=MAX)
+    assert msg.layout == ROLED

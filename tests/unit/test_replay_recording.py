@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -38,6 +39,21 @@ def test_round_trip_is_exact(tmp_path):
         np.testing.assert_array_equal(g.message.matrix, m.matrix)
     text = (tmp_path / "stats-r.jsonl").read_text()
     assert text.count('"type":"layout"') == 2 and "NaN" in text
+
+
+def test_layout_roles_are_recorded_and_read_back(tmp_path):
+    rec = StatsRecorder(tmp_path, max_file_bytes=1 << 20, max_files=2)
+    tensors, roles = ("h.0.attn.qkv.weight", "h.0.ln1.weight", "h.0.ln1.bias"), ("qkv", "norm", "bias")
+    sent = [msg(0, stats=("a",), tensors=tensors, roles=roles, matrix=[[1.0], [2.0], [3.0]]),
+            msg(1, stats=("a",), tensors=tensors, matrix=[[1.0], [2.0], [3.0]])]  # fmt: skip
+    for i, m in enumerate(sent):
+        assert rec.record(m, float(i))
+    rec.close()
+    got = [r.message.layout for r in read_recording([tmp_path / "stats-r.jsonl"])]
+    assert got == [m.layout for m in sent] and got[0].roles == roles and got[1].roles == ()
+    lines = (tmp_path / "stats-r.jsonl").read_text().splitlines()
+    layouts = [json.loads(line) for line in lines if '"type":"layout"' in line]
+    assert [la.get("roles") for la in layouts] == [list(roles), None]  # no key at all without roles
 
 
 def test_rotation_keeps_at_most_max_files_each_self_contained(tmp_path):
