@@ -1,0 +1,195 @@
+"""The status page's stylesheet and script (agent/status_html.py inlines both, under the page's nonce).
+
+The script fetches ``api/status`` every ``POLL`` ms and redraws the cards, their charts and
+forecasts, and the events table with DOM calls only (``textContent``, ``createElementNS``):
+nothing from the network is ever parsed as markup.  Its drawing mirrors the server's
+(``chart_svg``, ``forecast_svg``; ``forecastView`` is ``agent.curve.view``), so the page looks the
+same before and after its first redraw.
+"""
+
+from __future__ import annotations
+
+import json
+
+STYLE = """
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;padding:12px 20px;max-width:1100px;
+color:#1d2330;background:#f6f7f9}
+header{display:flex;flex-wrap:wrap;align-items:baseline;gap:4px 18px;border-bottom:1px solid #d8dce3;margin-bottom:10px}
+h1{font-size:20px;margin:6px 0}h2{font-size:16px;margin:0 0 8px}
+#summary,.updated,nav{margin:4px 0;color:#4a5263}.updated.stale{color:#b3261e;font-weight:600}
+a{color:#1a5fb4}
+.run{background:#fff;border:1px solid #d8dce3;border-radius:6px;padding:12px 14px;margin:0 0 12px}
+.run h2{display:flex;align-items:center;gap:10px;word-break:break-all}
+.risk{font-size:13px;padding:2px 8px;border-radius:10px;font-weight:600;white-space:nowrap}
+.risk-low{background:#e3f4e6;color:#1e6b2f}.risk-medium{background:#fff1cc;color:#7a5200}
+.risk-high{background:#fbdcdc;color:#a1141a}
+.facts{display:flex;flex-wrap:wrap;gap:4px 22px;margin:0 0 6px}.facts div{min-width:70px}
+dt{font-size:12px;color:#5d6678}dd{margin:0;font-size:17px;font-variant-numeric:tabular-nums;font-weight:600}
+.explanation{margin:6px 0;padding:6px 8px;background:#f1f3f7;border-left:3px solid #8a94a8}
+.etas{margin:4px 0;color:#4a5263}
+.charts{display:flex;flex-wrap:wrap;gap:10px 16px}.chart{margin:0}
+figcaption{font-size:12px;color:#5d6678}.latest{color:#1d2330;font-weight:600}
+svg .plot{fill:#fafbfc;stroke:#d8dce3}svg .line{fill:none;stroke:#1a5fb4;stroke-width:1.6}
+svg.chart-risk .line{stroke:#c0392b}svg .dot{fill:#1a5fb4}svg.chart-risk .dot{fill:#c0392b}svg .nonfinite{stroke:#d0021b;stroke-width:1.5}
+svg text{font-size:10px;fill:#5d6678;font-variant-numeric:tabular-nums}
+.notes{margin:4px 0;padding-left:18px;color:#6b5900;font-size:13px}.empty{color:#4a5263}
+table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #d8dce3}
+th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eceef2;vertical-align:top}
+th{font-size:12px;color:#5d6678;font-weight:600}td:nth-child(2){word-break:break-all}
+tr.sev-warning td{background:#fffaeb}tr.sev-critical td{background:#fdecec}
+"""
+
+
+def script(**constants: object) -> str:
+    """The page's script, with ``constants`` (chart geometry, labels) defined at its top as JSON."""
+    head = "".join(f"  const {name} = {json.dumps(value)};\n" for name, value in constants.items())
+    return '"use strict";\n(function () {\n' + head + SCRIPT_BODY
+
+
+SCRIPT_BODY = """  const CHARTS = [["loss", "loss"], ["grad_norm", "grad norm"], ["risk", "risk"]];
+  const SHOWN = [["loss", "loss"], ["grad_norm", "grad norm"], ["lr", "lr"], ["step_duration_seconds", "s/step"]];
+  const SVG = "http://www.w3.org/2000/svg";
+  function el(tag, attrs, children) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+    for (const c of children || []) e.append(c);
+    return e;
+  }
+  function sv(tag, attrs, text) {
+    const e = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  function fmt(v) {
+    if (v === null || v === undefined) return "\\u2013";
+    if (typeof v !== "number") return String(v);
+    const a = Math.abs(v);
+    if (a === 0) return "0";
+    if (a >= 1e-3 && a < 1e5) return String(parseFloat(v.toPrecision(4)));
+    const [m, e] = v.toExponential(3).split("e");
+    return m.replace(/\\.?0+$/, "") + "e" + parseInt(e, 10);
+  }
+  function fmtTime(t) { return typeof t === "number" ? new Date(t * 1000).toISOString().slice(11, 19) : "\\u2013"; }
+  function fmtAge(s) {
+    if (s < 120) return Math.round(s) + " s ago";
+    if (s < 7200) return Math.round(s / 60) + " min ago";
+    return (s / 3600).toFixed(1) + " h ago";
+  }
+  function level(score) { return score >= 0.7 ? "high" : score >= 0.3 ? "medium" : "low"; }
+  function isNum(v) { return typeof v === "number" && isFinite(v); }
+  function chart(name, steps, values) {
+    const fin = values.filter(isNum);
+    let x0 = Math.min(...steps), x1 = Math.max(...steps);
+    if (x0 === x1) { x0 -= 1; x1 += 1; }
+    let y0 = 0, y1 = 1;
+    if (name !== "risk" && fin.length) {
+      y0 = Math.min(...fin); y1 = Math.max(...fin);
+      if (y0 === y1) { const pad = Math.abs(y0) * 0.05 || 1; y0 -= pad; y1 += pad; }
+    }
+    const px = s => Math.round((LEFT + (s - x0) / (x1 - x0) * (W - LEFT - RIGHT)) * 10) / 10;
+    const py = v => Math.round((TOP + (y1 - v) / (y1 - y0) * (H - TOP - BOTTOM)) * 10) / 10;
+    const svg = sv("svg", {class: "chart-" + name, viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img",
+                           "aria-label": name + " over the last steps"});
+    svg.append(sv("rect", {class: "plot", x: LEFT, y: TOP, width: W - LEFT - RIGHT, height: H - TOP - BOTTOM}));
+    svg.append(sv("text", {class: "ylabel", x: LEFT - 4, y: TOP + 9, "text-anchor": "end"}, fmt(y1)));
+    svg.append(sv("text", {class: "ylabel", x: LEFT - 4, y: H - BOTTOM, "text-anchor": "end"}, fmt(y0)));
+    svg.append(sv("text", {class: "xlabel", x: LEFT, y: H - 4, "text-anchor": "start"}, String(Math.min(...steps))));
+    svg.append(sv("text", {class: "xlabel", x: W - RIGHT, y: H - 4, "text-anchor": "end"},
+                  "step " + Math.max(...steps)));
+    const segs = [[]];
+    steps.forEach((s, i) => {
+      const v = values[i];
+      if (isNum(v)) segs[segs.length - 1].push(px(s) + "," + py(v));
+      else {
+        svg.append(sv("line", {class: "nonfinite", x1: px(s), x2: px(s), y1: TOP, y2: H - BOTTOM}));
+        if (segs[segs.length - 1].length) segs.push([]);
+      }
+    });
+    const sparse = fin.length <= SPARSE;
+    for (const seg of segs) {
+      if (seg.length > 1) svg.append(sv("polyline", {class: "line", points: seg.join(" ")}));
+      for (const point of (sparse || seg.length === 1) ? seg : []) {
+        const [x, y] = point.split(",");
+        svg.append(sv("circle", {class: "dot", cx: x, cy: y, r: 2}));
+      }
+    }
+    return svg;
+  }
+  function card(run) {
+    const name = el("span", {class: "name"}, [run.run]);
+    const h = el("h2", {}, [name, " "]);
+    if (run.risk) {
+      h.append(el("span", {class: "risk risk-" + level(run.risk.score)}, ["risk " + fmt(run.risk.score)]));
+    }
+    const facts = [["step", "step", String(run.step)]];
+    for (const [k, label] of SHOWN) if (k in run.scalars) facts.push([k, label, fmt(run.scalars[k])]);
+    facts.push(["age", "last message", fmtAge(run.age_seconds)]);
+    const r = run.ranks;
+    facts.push(["ranks", "ranks", r.length > 1 ? `${r.length} (${r[0]}\\u2026${r[r.length - 1]})` : String(r[0])]);
+    if (run.dropped) facts.push(["dropped", "dropped", String(run.dropped)]);
+    const dl = el("dl", {class: "facts"},
+                  facts.map(([k, label, v]) => el("div", {}, [el("dt", {}, [label]), el("dd", {class: k}, [v])])));
+    const art = el("article", {class: "run", "data-run": run.run}, [h, dl]);
+    if (run.risk) {
+      art.append(el("p", {class: "explanation"}, [run.risk.explanation]));
+      const etas = Object.entries(run.risk.etas).map(([k, v]) => `${k} \u2248 ${fmt(v)}`).join(", ");
+      if (etas) art.append(el("p", {class: "etas"}, [ETA_LABEL + etas]));
+    }
+    if (run.charts) {
+      const figs = [];
+      for (const [k, label] of CHARTS) {
+        const c = run.charts[k];
+        if (!c.steps.length) continue;
+        const cap = el("figcaption", {}, [label + " ", el("span", {class: "latest"}, [fmt(c.values[c.values.length - 1])])]);
+        figs.push(el("figure", {class: "chart", "data-chart": k}, [cap, chart(k, c.steps, c.values)]));
+      }
+      art.append(el("div", {class: "charts"}, figs));
+    }
+    if (run.notes.length) art.append(el("ul", {class: "notes"}, run.notes.map(n => el("li", {class: "note"}, [n]))));
+    return art;
+  }
+  function eventRow(ev) {
+    const sev = ev.severity === "warning" || ev.severity === "critical" ? {class: "sev-" + ev.severity} : {};
+    return el("tr", sev, [fmtTime(ev.time), ev.run || "", String(ev.type), String(ev.summary)]
+      .map(t => el("td", {}, [t])));
+  }
+  function render(doc) {
+    const a = doc.agent;
+    const rej = a.rejected_messages ? ` (${a.rejected_messages} rejected)` : "";
+    document.getElementById("summary").textContent =
+      `agent ${a.version} \\u00b7 ${doc.runs.length} run(s) \\u00b7 ${a.received_messages} messages${rej}` +
+      ` \\u00b7 ${a.decisions} decisions`;
+    const up = document.getElementById("updated");
+    up.textContent = "updated " + fmtTime(doc.time) + " UTC";
+    up.classList.remove("stale");
+    document.getElementById("notes").replaceChildren(...doc.notes.map(n => el("li", {}, [n])));
+    const runs = document.getElementById("runs");
+    if (doc.runs.length) runs.replaceChildren(...doc.runs.map(card));
+    else {
+      runs.replaceChildren(el("p", {class: "empty"}, ["No statistics received yet. Trainers publish to ",
+        el("code", {}, [String(a.stats_endpoint)]), " (docs/protocol.md)."]));
+    }
+    const rows = doc.events.length ? doc.events.map(eventRow)
+      : [el("tr", {}, [el("td", {colspan: "4", class: "note"}, ["no events yet"])])];
+    document.querySelector("#events tbody").replaceChildren(...rows);
+    document.body.dataset.rendered = "api";
+  }
+  let failedSince = null;
+  async function poll() {
+    try {
+      const response = await fetch("api/status", {cache: "no-store"});
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      render(await response.json());
+      failedSince = null;
+    } catch (err) {
+      failedSince = failedSince || Date.now() / 1000;
+      const up = document.getElementById("updated");
+      up.textContent = "agent unreachable since " + fmtTime(failedSince) + " UTC (" + err.message + ")";
+      up.classList.add("stale");
+    }
+    setTimeout(poll, POLL);
+  }
+  poll();
+})();
+"""

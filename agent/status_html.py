@@ -1,0 +1,223 @@
+"""The status page's HTML, rendered on the server from a ``StatusBoard.status()`` document.
+
+Inline SVG charts, every piece of text escaped with ``html.escape``; the inline script
+(agent/status_assets.py) then redraws the same elements from ``/api/status``.  The page's links
+and its fetch are relative (``api/status``, ``metrics``), so it also works behind a reverse proxy
+that serves the agent under a sub-path such as ``/sentinel/``.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from agent.status_assets import STYLE, script
+
+POLL_MILLISECONDS = 2000
+SPARSE_POINTS = 40
+ETA_LABEL = "steps until a trend reaches its threshold: "
+CHARTS = (("loss", "loss"), ("grad_norm", "grad norm"), ("risk", "risk"))
+SHOWN_SCALARS = (("loss", "loss"), ("grad_norm", "grad norm"), ("lr", "lr"), ("step_duration_seconds", "s/step"))
+
+
+def fmt(value: Any) -> str:
+    """A number as the page shows it: four significant digits (the script's ``fmt`` matches)."""
+    if value is None:
+        return "–"
+    if isinstance(value, str):
+        return value
+    v = float(value)
+    if not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if 1e-3 <= a < 1e5:
+        return f"{float(f'{v:.4g}'):.10g}"
+    mantissa, exponent = f"{v:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def fmt_time(t: float | None) -> str:
+    return "–" if not isinstance(t, (int, float)) else time.strftime("%H:%M:%S", time.gmtime(t))
+
+
+def fmt_age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def risk_level(score: float) -> str:
+    return "high" if score >= 0.7 else "medium" if score >= 0.3 else "low"
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def summary_line(doc: dict) -> str:
+    a = doc["agent"]
+    rejected = f" ({a['rejected_messages']} rejected)" if a["rejected_messages"] else ""
+    return (
+        f"agent {a['version']} · {len(doc['runs'])} run(s) · {a['received_messages']} messages{rejected}"
+        f" · {a['decisions']} decisions"
+    )
+
+
+W, H, LEFT, RIGHT, TOP, BOTTOM = 320, 120, 58, 8, 8, 18
+
+
+def chart_svg(name: str, steps: Sequence[int], values: Sequence[Any]) -> str:
+    """An inline SVG line chart; non-finite values break the line and are marked by a red rule."""
+    xs = list(steps)
+    finite = [(s, float(v)) for s, v in zip(xs, values) if isinstance(v, (int, float)) and math.isfinite(v)]
+    bad = [s for s, v in zip(xs, values) if not (isinstance(v, (int, float)) and math.isfinite(v))]
+    x0, x1 = min(xs), max(xs)
+    if x0 == x1:
+        x0, x1 = x0 - 1, x1 + 1
+    if name == "risk":
+        y0, y1 = 0.0, 1.0
+    elif finite:
+        y0, y1 = min(v for _, v in finite), max(v for _, v in finite)
+        if y0 == y1:
+            pad = abs(y0) * 0.05 or 1.0
+            y0, y1 = y0 - pad, y1 + pad
+    else:
+        y0, y1 = 0.0, 1.0
+
+    def px(s: float) -> float:
+        return round(LEFT + (s - x0) / (x1 - x0) * (W - LEFT - RIGHT), 1)
+
+    def py(v: float) -> float:
+        return round(TOP + (y1 - v) / (y1 - y0) * (H - TOP - BOTTOM), 1)
+
+    parts = [
+        f'<svg class="chart-{_e(name)}" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img"'
+        f' aria-label="{_e(name)} over the last steps">',
+        f'<rect class="plot" x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}"/>',
+        f'<text class="ylabel" x="{LEFT - 4}" y="{TOP + 9}" text-anchor="end">{_e(fmt(y1))}</text>',
+        f'<text class="ylabel" x="{LEFT - 4}" y="{H - BOTTOM}" text-anchor="end">{_e(fmt(y0))}</text>',
+        f'<text class="xlabel" x="{LEFT}" y="{H - 4}" text-anchor="start">{_e(min(xs))}</text>',
+        f'<text class="xlabel" x="{W - RIGHT}" y="{H - 4}" text-anchor="end">step {_e(max(xs))}</text>',
+    ]
+    for s in bad:
+        parts.append(f'<line class="nonfinite" x1="{px(s)}" x2="{px(s)}" y1="{TOP}" y2="{H - BOTTOM}"/>')
+    segment: list[str] = []
+    segments = [segment]
+    for s, v in zip(xs, values):
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            segment.append(f"{px(s)},{py(float(v))}")
+        elif segment:
+            segment = []
+            segments.append(segment)
+    sparse = len(finite) <= SPARSE_POINTS  # few samples: mark each, so a straight line is not read as data
+    for seg in segments:
+        if len(seg) > 1:
+            parts.append(f'<polyline class="line" points="{" ".join(seg)}"/>')
+        for point in seg if sparse or len(seg) == 1 else ():
+            x, y = point.split(",")
+            parts.append(f'<circle class="dot" cx="{x}" cy="{y}" r="2"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _run_card(run: dict) -> str:
+    risk = run["risk"]
+    badge = ""
+    if risk is not None:
+        level = risk_level(float(risk["score"]))
+        badge = f'<span class="risk risk-{level}">risk {_e(fmt(risk["score"]))}</span>'
+    facts = [("step", "step", str(run["step"]))]
+    for key, label in SHOWN_SCALARS:
+        if key in run["scalars"]:
+            facts.append((key, label, fmt(run["scalars"][key])))
+    facts.append(("age", "last message", fmt_age(float(run["age_seconds"]))))
+    ranks = run["ranks"]
+    facts.append(("ranks", "ranks", f"{len(ranks)} ({ranks[0]}…{ranks[-1]})" if len(ranks) > 1 else str(ranks[0])))
+    if run["dropped"]:
+        facts.append(("dropped", "dropped", str(run["dropped"])))
+    dl = "".join(
+        f'<div><dt>{_e(label)}</dt><dd class="{_e(key)}">{_e(value)}</dd></div>' for key, label, value in facts
+    )
+    explanation = ""
+    if risk is not None:
+        etas = ", ".join(f"{k} ≈ {fmt(v)}" for k, v in risk["etas"].items())
+        explanation = f'<p class="explanation">{_e(risk["explanation"])}</p>'
+        if etas:
+            explanation += f'<p class="etas">{ETA_LABEL}{_e(etas)}</p>'
+    charts = ""
+    if run["charts"] is not None:
+        figures = []
+        for key, label in CHARTS:
+            c = run["charts"][key]
+            if c["steps"]:
+                latest = fmt(c["values"][-1])
+                figures.append(
+                    f'<figure class="chart" data-chart="{key}"><figcaption>{_e(label)}'
+                    f' <span class="latest">{_e(latest)}</span></figcaption>{chart_svg(key, c["steps"], c["values"])}'
+                    "</figure>"
+                )
+        charts = f'<div class="charts">{"".join(figures)}</div>'
+    notes = "".join(f'<li class="note">{_e(n)}</li>' for n in run["notes"])
+    return (
+        f'<article class="run" data-run="{_e(run["run"])}"><h2><span class="name">{_e(run["run"])}</span> {badge}</h2>'
+        f'<dl class="facts">{dl}</dl>{explanation}{charts}'
+        f"{f'<ul class=notes>{notes}</ul>' if notes else ''}</article>"
+    )
+
+
+def _events_rows(events: list[dict]) -> str:
+    if not events:
+        return '<tr><td colspan="4" class="note">no events yet</td></tr>'
+    rows = []
+    for ev in events:
+        sev = ev.get("severity")
+        cls = f' class="sev-{_e(sev)}"' if sev in ("warning", "critical") else ""
+        rows.append(
+            f"<tr{cls}><td>{_e(fmt_time(ev.get('time')))}</td><td>{_e(ev.get('run') or '')}</td>"
+            f"<td>{_e(ev.get('type'))}</td><td>{_e(ev.get('summary'))}</td></tr>"
+        )
+    return "".join(rows)
+
+
+def _runs_html(doc: dict) -> str:
+    if not doc["runs"]:
+        return (
+            '<p class="empty">No statistics received yet. Trainers publish to '
+            f"<code>{_e(doc['agent']['stats_endpoint'])}</code> (docs/protocol.md).</p>"
+        )
+    return "".join(_run_card(r) for r in doc["runs"])
+
+
+def render_page(doc: dict, nonce: str) -> str:
+    """The whole page for ``doc`` (a ``StatusBoard.status()`` document); ``nonce`` unlocks its script."""
+    notes = "".join(f"<li>{_e(n)}</li>" for n in doc["notes"])
+    n = _e(nonce)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Sentinel agent</title><style nonce="{n}">{STYLE}</style></head>
+<body data-rendered="server">
+<header><h1>Sentinel agent</h1>
+<p id="summary">{_e(summary_line(doc))}</p>
+<p id="updated" class="updated">updated {_e(fmt_time(doc["time"]))} UTC</p>
+<nav><a href="api/status">/api/status</a> · <a href="metrics">/metrics</a></nav></header>
+<ul id="notes" class="notes">{notes}</ul>
+<main id="runs">{_runs_html(doc)}</main>
+<section><h2>Recent events</h2>
+<table id="events"><thead><tr><th>time (UTC)</th><th>run</th><th>type</th><th>what</th></tr></thead>
+<tbody>{_events_rows(doc["events"])}</tbody></table></section>
+<script nonce="{n}">{SCRIPT}</script>
+</body></html>
+"""
+
+
+SCRIPT = script(
+    W=W, H=H, LEFT=LEFT, RIGHT=RIGHT, TOP=TOP, BOTTOM=BOTTOM, POLL=POLL_MILLISECONDS, SPARSE=SPARSE_POINTS,
+    ETA_LABEL=ETA_LABEL,
+)  # fmt: skip
