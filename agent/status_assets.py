@@ -37,6 +37,14 @@ table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #d8dc
 th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eceef2;vertical-align:top}
 th{font-size:12px;color:#5d6678;font-weight:600}td:nth-child(2){word-break:break-all}
 tr.sev-warning td{background:#fffaeb}tr.sev-critical td{background:#fdecec}
+.forecasts{display:flex;flex-wrap:wrap;gap:10px 16px;margin-top:10px}.forecast{margin:0;width:320px}
+.forecast figcaption{display:flex;flex-wrap:wrap;gap:2px 6px;align-items:baseline}
+.fc-predictor{font-weight:600;color:#1d2330}.fc-layer{word-break:break-all}
+.sev{font-size:11px;padding:0 6px;border-radius:8px;font-weight:600}.sev-warning{background:#fff1cc;color:#7a5200}
+.sev-critical{background:#fbdcdc;color:#a1141a}.sev-none{background:#eceef2;color:#4a5263}
+.fc-message{margin:2px 0;font-size:12px;color:#4a5263;word-break:break-word}.forecast .note{font-size:12px;color:#6b5900}
+svg .limit{stroke:#c0392b;stroke-width:1.2}svg .limit-label,svg .eta-off{fill:#a1141a}
+svg .fit{fill:none;stroke:#e08a00;stroke-width:1.6}svg .point{fill:#1a5fb4}svg .eta{stroke:#7a5200;stroke-dasharray:2 2}
 """
 
 
@@ -116,6 +124,83 @@ SCRIPT_BODY = """  const CHARTS = [["loss", "loss"], ["grad_norm", "grad norm"],
     }
     return svg;
   }
+  function etaOf(v) { return isNum(v) && v >= 0 ? v : null; }
+  function etaText(v) {
+    const e = etaOf(v);
+    return e === null ? "no ETA" : e === 0 ? "at its limit now" : "ETA \u2248 " + fmt(e) + " steps";
+  }
+  function curveAt(c, s) {
+    if (c.scale === "log") return c.at_value * Math.exp(Math.min(700, c.slope * (s - c.at_step)));
+    return c.at_value + c.slope * (s - c.at_step);
+  }
+  function drawable(c) {
+    return !!c && (c.scale === "log" || c.scale === "linear") && Array.isArray(c.steps) && Array.isArray(c.values)
+      && c.steps.length > 0 && c.steps.length === c.values.length && c.steps.every(isNum) && c.values.every(isNum)
+      && [c.slope, c.at_step, c.at_value, c.limit].every(isNum) && (c.scale === "linear" || c.limit > 0);
+  }
+  function forecastView(c, eta) {  // agent.curve.view
+    const log = c.scale === "log";
+    const first = c.steps[0], last = c.steps[c.steps.length - 1];
+    const span = Math.max(last - first, 1);
+    const e = etaOf(eta);
+    const etaStep = e === null ? null : c.at_step + e;
+    const hasLine = c.slope !== 0 && (c.at_value > 0 || !log);
+    let end = etaStep !== null && hasLine ? etaStep : last + STRETCH * span;
+    end = Math.min(Math.max(end, last), last + EXTEND * span);
+    const x0 = first, x1 = Math.max(end, first + 1);
+    let line = hasLine ? [[x0, curveAt(c, x0)], [end, curveAt(c, end)]] : null;
+    if (line && !line.every(([, v]) => isFinite(v) && (v > 0 || !log))) line = null;
+    const ys = [...c.values, c.limit, ...(line ? [line[0][1], line[1][1]] : [])];
+    const t = log ? ys.map(Math.log10) : ys;
+    const lo = Math.min(...t), hi = Math.max(...t);
+    const pad = hi > lo ? (hi - lo) * PAD : (log ? 0.05 : Math.abs(lo) * 0.05 || 1);
+    return {x0, x1, line, etaStep, etaShown: etaStep !== null && etaStep <= x1 + 1e-9, lo: lo - pad, hi: hi + pad,
+            ty: log ? Math.log10 : (y => y), value: log ? (y => Math.pow(10, y)) : (y => y)};
+  }
+  function forecastChart(c, eta) {
+    const v = forecastView(c, eta);
+    const px = s => Math.round((LEFT + (s - v.x0) / (v.x1 - v.x0) * (W - LEFT - RIGHT)) * 10) / 10;
+    const py = y => Math.round((TOP + (v.hi - v.ty(y)) / (v.hi - v.lo) * (FH - TOP - BOTTOM)) * 10) / 10;
+    const svg = sv("svg", {class: "forecast-chart scale-" + c.scale, viewBox: `0 0 ${W} ${FH}`, width: W, height: FH,
+                           role: "img", "aria-label": "fitted points, fitted line and limit"});
+    svg.append(sv("rect", {class: "plot", x: LEFT, y: TOP, width: W - LEFT - RIGHT, height: FH - TOP - BOTTOM}));
+    svg.append(sv("text", {class: "ylabel", x: LEFT - 4, y: TOP + 9, "text-anchor": "end"}, fmt(v.value(v.hi))));
+    svg.append(sv("text", {class: "ylabel", x: LEFT - 4, y: FH - BOTTOM, "text-anchor": "end"}, fmt(v.value(v.lo))));
+    svg.append(sv("text", {class: "xlabel", x: LEFT, y: FH - 4, "text-anchor": "start"}, String(Math.floor(v.x0))));
+    svg.append(sv("text", {class: "xlabel", x: W - RIGHT, y: FH - 4, "text-anchor": "end"},
+                  "step " + Math.floor(v.x1 + 0.5)));
+    const yl = py(c.limit);
+    const ey = yl > (TOP + FH - BOTTOM) / 2 ? TOP + 9 : FH - BOTTOM - 4;  // ETA labels: away from the limit's rule
+    svg.append(sv("line", {class: "limit", x1: LEFT, x2: W - RIGHT, y1: yl, y2: yl, "stroke-dasharray": "5 3"}));
+    svg.append(sv("text", {class: "limit-label", x: LEFT + 3, y: yl < TOP + 12 ? yl + 10 : yl - 3,
+                           "text-anchor": "start"}, "limit " + fmt(c.limit)));
+    if (v.etaShown) {
+      const xe = px(v.etaStep);
+      svg.append(sv("line", {class: "eta", x1: xe, x2: xe, y1: TOP, y2: FH - BOTTOM}));
+      svg.append(sv("text", {class: "eta-label", x: xe - 2, y: ey, "text-anchor": "end"}, "ETA"));
+    } else if (v.etaStep !== null) {
+      svg.append(sv("text", {class: "eta-off", x: W - RIGHT - 2, y: ey, "text-anchor": "end"},
+                    "ETA at step " + Math.floor(v.etaStep + 0.5) + " \u2192"));
+    }
+    if (v.line) {
+      const [[s0, y0], [s1, y1]] = v.line;
+      svg.append(sv("polyline", {class: "fit", points: `${px(s0)},${py(y0)} ${px(s1)},${py(y1)}`}));
+    }
+    c.steps.forEach((s, i) => svg.append(sv("circle", {class: "point", cx: px(s), cy: py(c.values[i]), r: 2})));
+    return svg;
+  }
+  function forecastFigure(f) {
+    const sev = f.severity === "warning" || f.severity === "critical" ? f.severity : null;
+    const cap = el("figcaption", {}, [
+      el("span", {class: "fc-predictor"}, [String(f.predictor)]), " ",
+      el("span", {class: "fc-layer"}, [String(f.layer || "")]), " ",
+      el("span", {class: "sev sev-" + (sev || "none")}, [sev || "watching"]), " ",
+      el("span", {class: "fc-eta"}, [etaText(f.eta_steps)])]);
+    const body = drawable(f.curve) ? forecastChart(f.curve, f.eta_steps)
+      : el("p", {class: "note"}, ["no chart: " + String(f.curve_note || "no curve in its evidence")]);
+    return el("figure", {class: "forecast", "data-predictor": String(f.predictor)},
+              [cap, body, el("p", {class: "fc-message"}, [String(f.message || "")])]);
+  }
   function card(run) {
     const name = el("span", {class: "name"}, [run.run]);
     const h = el("h2", {}, [name, " "]);
@@ -146,6 +231,7 @@ SCRIPT_BODY = """  const CHARTS = [["loss", "loss"], ["grad_norm", "grad norm"],
       }
       art.append(el("div", {class: "charts"}, figs));
     }
+    if (run.forecasts && run.forecasts.length) art.append(el("div", {class: "forecasts"}, run.forecasts.map(forecastFigure)));
     if (run.notes.length) art.append(el("ul", {class: "notes"}, run.notes.map(n => el("li", {class: "note"}, [n]))));
     return art;
   }

@@ -1,6 +1,7 @@
 """The status page's HTML, rendered on the server from a ``StatusBoard.status()`` document.
 
-Inline SVG charts, every piece of text escaped with ``html.escape``; the inline script
+Inline SVG charts (the recent loss, gradient norm and risk; each current forecast with the points
+it was fitted on, its line and its limit), every piece of text escaped with ``html.escape``; the inline script
 (agent/status_assets.py) then redraws the same elements from ``/api/status``.  The page's links
 and its fetch are relative (``api/status``, ``metrics``), so it also works behind a reverse proxy
 that serves the agent under a sub-path such as ``/sentinel/``.
@@ -14,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from agent.curve import EXTEND, PAD, STRETCH, Curve, check, eta_of, view
 from agent.status_assets import STYLE, script
 
 POLL_MILLISECONDS = 2000
@@ -127,6 +129,79 @@ def chart_svg(name: str, steps: Sequence[int], values: Sequence[Any]) -> str:
     return "".join(parts)
 
 
+FH = 130  # forecast charts: W wide, FH high
+
+
+def eta_text(eta: Any) -> str:
+    e = eta_of(eta)
+    if e is None:
+        return "no ETA"
+    return "at its limit now" if e == 0 else f"ETA ≈ {fmt(e)} steps"
+
+
+def forecast_svg(c: Curve, eta: Any) -> str:
+    """The points a forecast's line was fitted on, the line (to the ETA, clipped: ``agent.curve.view``)
+    and the limit as a dashed rule; a log value axis for a "log" curve."""
+    v = view(c, eta)
+
+    def px(s: float) -> float:
+        return round(LEFT + (s - v.x0) / (v.x1 - v.x0) * (W - LEFT - RIGHT), 1)
+
+    def py(y: float) -> float:
+        return round(TOP + (v.hi - v.ty(y)) / (v.hi - v.lo) * (FH - TOP - BOTTOM), 1)
+
+    yl = py(c.limit)
+    ey = TOP + 9 if yl > (TOP + FH - BOTTOM) / 2 else FH - BOTTOM - 4  # ETA labels: away from the limit's rule
+    parts = [
+        f'<svg class="forecast-chart scale-{_e(c.scale)}" viewBox="0 0 {W} {FH}" width="{W}" height="{FH}" role="img"'
+        ' aria-label="fitted points, fitted line and limit">',
+        f'<rect class="plot" x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{FH - TOP - BOTTOM}"/>',
+        f'<text class="ylabel" x="{LEFT - 4}" y="{TOP + 9}" text-anchor="end">{_e(fmt(v.value(v.hi)))}</text>',
+        f'<text class="ylabel" x="{LEFT - 4}" y="{FH - BOTTOM}" text-anchor="end">{_e(fmt(v.value(v.lo)))}</text>',
+        f'<text class="xlabel" x="{LEFT}" y="{FH - 4}" text-anchor="start">{math.floor(v.x0)}</text>',
+        f'<text class="xlabel" x="{W - RIGHT}" y="{FH - 4}" text-anchor="end">step {math.floor(v.x1 + 0.5)}</text>',
+        f'<line class="limit" x1="{LEFT}" x2="{W - RIGHT}" y1="{yl}" y2="{yl}" stroke-dasharray="5 3"/>',
+        f'<text class="limit-label" x="{LEFT + 3}" y="{yl + 10 if yl < TOP + 12 else yl - 3}" text-anchor="start">'
+        f"limit {_e(fmt(c.limit))}</text>",
+    ]
+    if v.eta_shown and v.eta_step is not None:
+        xe = px(v.eta_step)
+        parts.append(f'<line class="eta" x1="{xe}" x2="{xe}" y1="{TOP}" y2="{FH - BOTTOM}"/>')
+        parts.append(f'<text class="eta-label" x="{xe - 2}" y="{ey}" text-anchor="end">ETA</text>')
+    elif v.eta_step is not None:
+        parts.append(
+            f'<text class="eta-off" x="{W - RIGHT - 2}" y="{ey}" text-anchor="end">'
+            f"ETA at step {math.floor(v.eta_step + 0.5)} →</text>"
+        )
+    if v.line is not None:
+        (s0, y0), (s1, y1) = v.line
+        parts.append(f'<polyline class="fit" points="{px(s0)},{py(y0)} {px(s1)},{py(y1)}"/>')
+    for s, y in zip(c.steps, c.values):
+        parts.append(f'<circle class="point" cx="{px(s)}" cy="{py(y)}" r="2"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def forecast_figure(fc: dict) -> str:
+    """One forecast: predictor, layer, severity and ETA, its chart (or why there is none), its message."""
+    sev = fc.get("severity") if fc.get("severity") in ("warning", "critical") else None
+    caption = (
+        f'<figcaption><span class="fc-predictor">{_e(fc.get("predictor"))}</span>'
+        f' <span class="fc-layer">{_e(fc.get("layer") or "")}</span>'
+        f' <span class="sev sev-{sev or "none"}">{sev or "watching"}</span>'
+        f' <span class="fc-eta">{_e(eta_text(fc.get("eta_steps")))}</span></figcaption>'
+    )
+    c = check(fc.get("curve"))
+    if isinstance(c, Curve):
+        body = forecast_svg(c, fc.get("eta_steps"))
+    else:
+        body = f'<p class="note">no chart: {_e(fc.get("curve_note") or c)}</p>'
+    return (
+        f'<figure class="forecast" data-predictor="{_e(fc.get("predictor"))}">{caption}{body}'
+        f'<p class="fc-message">{_e(fc.get("message") or "")}</p></figure>'
+    )
+
+
 def _run_card(run: dict) -> str:
     risk = run["risk"]
     badge = ""
@@ -164,10 +239,12 @@ def _run_card(run: dict) -> str:
                     "</figure>"
                 )
         charts = f'<div class="charts">{"".join(figures)}</div>'
+    shown = run.get("forecasts") or []
+    forecasts = f'<div class="forecasts">{"".join(forecast_figure(f) for f in shown)}</div>' if shown else ""
     notes = "".join(f'<li class="note">{_e(n)}</li>' for n in run["notes"])
     return (
         f'<article class="run" data-run="{_e(run["run"])}"><h2><span class="name">{_e(run["run"])}</span> {badge}</h2>'
-        f'<dl class="facts">{dl}</dl>{explanation}{charts}'
+        f'<dl class="facts">{dl}</dl>{explanation}{charts}{forecasts}'
         f"{f'<ul class=notes>{notes}</ul>' if notes else ''}</article>"
     )
 
@@ -218,6 +295,6 @@ def render_page(doc: dict, nonce: str) -> str:
 
 
 SCRIPT = script(
-    W=W, H=H, LEFT=LEFT, RIGHT=RIGHT, TOP=TOP, BOTTOM=BOTTOM, POLL=POLL_MILLISECONDS, SPARSE=SPARSE_POINTS,
-    ETA_LABEL=ETA_LABEL,
+    W=W, H=H, FH=FH, LEFT=LEFT, RIGHT=RIGHT, TOP=TOP, BOTTOM=BOTTOM, POLL=POLL_MILLISECONDS, SPARSE=SPARSE_POINTS,
+    ETA_LABEL=ETA_LABEL, EXTEND=EXTEND, STRETCH=STRETCH, PAD=PAD,
 )  # fmt: skip

@@ -3,7 +3,8 @@
 ``StatusBoard.status()`` builds the ``/api/status`` document (schema in docs/status-page.md)
 from the agent's bounded state: the latest scalars and the loss and gradient-norm rings of
 ``agent.history``, the supervisor's risk score with its one-line explanation
-(``agent.predict.SeriesPredictor.risk``), and the tail of the event log.  The risk is not
+(``agent.predict.SeriesPredictor.risk``), each trend predictor's riskiest current forecast with
+the curve it was fitted on (``agent.curve``), and the tail of the event log.  The risk is not
 kept by the history, so ``RiskTrail`` keeps a small ring of it per run, sampled from the
 supervisor at most every ``RISK_SAMPLE_SECONDS`` on the receiver thread (so the cost per
 message is one clock read) and at every status request.
@@ -28,12 +29,13 @@ import numpy as np
 
 from agent import __version__
 from agent.config import AgentConfig
+from agent.curve import Curve, check
 from agent.events import EventLog, plain
 from agent.state import AgentState
 from agent.status_html import SHOWN_SCALARS, fmt, render_page
 from agent.supervisor import RunStatus, Supervisor, SupervisorSnapshot
 
-__all__ = ["RiskTrail", "StatusBoard", "event_summary", "fmt", "render_page"]
+__all__ = ["RiskTrail", "StatusBoard", "event_summary", "fmt", "forecasts", "render_page"]
 
 STATUS_VERSION = 1
 CHART_POINTS = 240
@@ -184,8 +186,34 @@ class StatusBoard:
             "age_seconds": max(0.0, now - entry["received_at"]),
             "risk": risk,
             "charts": charts,
+            "forecasts": [] if sup is None else forecasts(sup, curves=charts is not None),
             "notes": notes,
         }
+
+
+def forecasts(sup: RunStatus, *, curves: bool = True) -> list[dict]:
+    """The run's current forecasts, one per trend predictor (``RunStatus.top``), riskiest first, each
+    with its curve checked (``agent.curve.check``); ``curves=False`` (a run not charted) leaves them out."""
+    out = []
+    for f in sorted(sup.top.values(), key=lambda f: (-f.risk, f.predictor)):
+        evidence = f.evidence if isinstance(f.evidence, dict) else {}
+        c = check(evidence.get("curve")) if curves else "curves are drawn for the most recently updated runs only"
+        out.append(
+            {
+                "predictor": f.predictor,
+                "layer": f.layer,
+                "statistic": f.statistic,
+                "value": f.value,
+                "step": f.step,
+                "eta_steps": f.eta_steps,
+                "severity": f.severity,
+                "risk": f.risk,
+                "message": f.message,
+                "curve": c.to_dict() if isinstance(c, Curve) else None,
+                "curve_note": None if isinstance(c, Curve) else c,
+            }
+        )
+    return out
 
 
 def _collect_series(state: AgentState) -> list[dict]:

@@ -6,6 +6,7 @@ survive missing data (no runs, no loss, predictions off) and must not hold up th
 
 from __future__ import annotations
 
+import html
 import http.server
 import json
 import math
@@ -17,7 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,11 @@ from agent_proc import Pusher, fetch, make_frames, parse_metrics
 from prometheus_client import CollectorRegistry
 
 from agent.daemon import Agent
+from agent.events import plain
 from agent.http import AgentHTTPServer, make_app
-from agent.predict import Risk
-from agent.status_page import RiskTrail, _downsample, event_summary, fmt, render_page
+from agent.predict import Forecast, Risk
+from agent.status_html import eta_text
+from agent.status_page import RiskTrail, _downsample, event_summary, fmt, forecasts, render_page
 from agent.supervisor import RunStatus, SupervisorSnapshot
 
 XSS = "</script><script>alert('x')</script><img src=x onerror=\"alert(1)\">&amp;"
@@ -167,6 +170,139 @@ def test_predictions_off_and_missing_data_never_raise(tmp_path: Path) -> None:
     doc["events"] = [{"type": "mystery"}, {}]
     page = render_page(doc, "n0nce")
     assert "3 (0…7)" in page and "mystery" in page
+
+
+def logit_frames(run: str, steps: range, layer: str = "h.0.attn") -> list[list[bytes]]:
+    """Probe messages whose max attention logit in ``layer`` grows as 100·exp(k·t), crossing 1e4 at
+    step 150 (a flat 20 in the other module): the attn_logit predictor warns from about step 40."""
+    k = math.log(100.0) / 150
+    return [
+        make_frames(
+            run=run,
+            step=t,
+            scalars={"loss": 3.0},
+            stats=("attn_logit_max",),
+            tensors=(layer, "h.1.attn"),
+            matrix=[[100.0 * math.exp(k * t)], [20.0]],
+        )
+        for t in steps
+    ]
+
+
+def _status_when(agent: Agent, done: Callable[[dict], bool]) -> dict:
+    """/api/status once ``done(doc)`` holds (the predictors see a message just after it is counted)."""
+    deadline = time.monotonic() + 10
+    while not done(doc := _strict_json(_get(_base(agent) + "api/status")[2])):
+        assert time.monotonic() < deadline, doc
+        time.sleep(0.02)
+    return doc
+
+
+def _forecast_figures(page: str, run: str) -> dict[str, str]:
+    card = re.search(rf'<article class="run" data-run="{re.escape(run)}">.*?</article>', page, re.S).group(0)
+    figures = re.findall(r'<figure class="forecast" data-predictor="(\w+)">(.*?)</figure>', card, re.S)
+    return dict(figures)
+
+
+def test_a_forecast_is_drawn_with_its_points_line_and_limit(agent: Agent) -> None:
+    _push(agent, logit_frames("logits", range(71), layer=XSS))
+    doc = _status_when(agent, lambda d: d["runs"] and d["runs"][0]["step"] == 70 and d["runs"][0]["forecasts"])
+    (fc,) = doc["runs"][0]["forecasts"]
+    assert (fc["predictor"], fc["layer"], fc["statistic"], fc["severity"]) == (
+        "attn_logit",
+        XSS,
+        "attn_logit_max",
+        "warning",
+    )
+    assert fc["step"] == 70 and fc["eta_steps"] == pytest.approx(150 - 70, rel=0.1) and 0.5 < fc["risk"] < 1
+    curve = fc["curve"]
+    assert curve["scale"] == "log" and curve["limit"] == 1e4 and curve["at_step"] == 70 and curve["slope"] > 0
+    assert curve["steps"] == list(range(70 - len(curve["steps"]) + 1, 71)) and len(curve["steps"]) >= 50
+    assert curve["values"] == sorted(curve["values"]) and curve["at_value"] == pytest.approx(fc["value"], rel=0.05)
+
+    page = fetch(_base(agent))
+    svg_text = _forecast_figures(page, "logits")["attn_logit"]
+    assert XSS not in page and html.escape(XSS) in svg_text  # the layer, in the caption and in the message
+    assert '<span class="sev sev-warning">warning</span>' in svg_text and eta_text(fc["eta_steps"]) in svg_text
+    assert f'<p class="fc-message">{html.escape(fc["message"])}</p>' in svg_text
+    limit = re.search(r'<line class="limit" x1="58" x2="312" y1="([\d.]+)" y2="([\d.]+)" stroke-dasharray', svg_text)
+    assert limit and limit.group(1) == limit.group(2) and "limit 10000" in svg_text
+    points = [
+        (float(x), float(y)) for x, y in re.findall(r'<circle class="point" cx="([\d.]+)" cy="([\d.]+)"', svg_text)
+    ]
+    assert len(points) == len(curve["steps"])
+    assert all(y > float(limit.group(1)) for _, y in points)  # below the limit it heads to
+    rises = [b[1] - a[1] for a, b in zip(points, points[1:])]
+    assert max(rises) - min(rises) < 0.25 and rises[0] < 0  # exponential growth: a straight line on the log axis
+    (fit,) = re.findall(r'<polyline class="fit" points="([^"]+)"/>', svg_text)
+    (x0, y0), (x1, y1) = (tuple(map(float, p.split(","))) for p in fit.split())
+    assert x0 == points[0][0] and x1 == 312.0  # from the first point to the ETA, at the right edge...
+    assert y1 == pytest.approx(float(limit.group(1)), abs=0.2)  # ... where the line meets the limit
+    assert '<line class="eta" x1="312.0" x2="312.0"' in svg_text and "ETA at step" not in svg_text
+
+
+def test_a_jump_forecast_without_eta_and_forecasts_without_curves_still_render(agent: Agent) -> None:
+    tensors, roles = ("h.0.attn.c_attn.weight", "h.0.mlp.c_fc.weight", "h.0.mlp.c_proj.weight"), ("qkv", "up", "down")
+    frames = [
+        make_frames(
+            run="jump",
+            step=t,
+            scalars={"loss": 3.0, "lr": 1e-3 * (10 if t >= 20 else 1)},
+            stats=("update_ratio",),
+            tensors=tensors,
+            roles=roles,
+            matrix=[[1e-3 * (10 if t >= 20 else 1) * (1 + 0.01 * i)] for i in range(3)],
+        )
+        for t in range(22)
+    ]
+    _push(agent, frames)
+    doc = _status_when(agent, lambda d: d["runs"] and d["runs"][0]["step"] == 21 and d["runs"][0]["forecasts"])
+    (fc,) = doc["runs"][0]["forecasts"]
+    assert fc["predictor"] == "update_ratio" and fc["eta_steps"] is None and fc["severity"] == "critical"
+    assert fc["curve"]["slope"] == 0.0 and fc["curve"]["limit"] == pytest.approx(4e-3, rel=0.05)
+    svg_text = _forecast_figures(fetch(_base(agent)), "jump")["update_ratio"]
+    assert '<line class="limit"' in svg_text and 'class="fit"' not in svg_text  # points and limit only
+    assert "no ETA" in svg_text and 'class="eta' not in svg_text and "learning rate went from" in svg_text
+
+    # the same document with the curve gone, malformed, or the ETA unknown: text without a chart, never an error
+    run = doc["runs"][0]
+    attn = {**fc, "predictor": "attn_logit", "eta_steps": None, "curve": {**fc["curve"], "slope": 0.01}}
+    far = {**attn, "predictor": "adam_eps", "eta_steps": 1000.0}
+    broken = {**fc, "predictor": "log_z", "curve": {"steps": [1, 2], "values": [3.0], "scale": "linear"}}
+    run["forecasts"] = [{**fc, "curve": None, "curve_note": None}, attn, far, broken, {"predictor": "out_rms"}]
+    figures = _forecast_figures(render_page(doc, "n0nce"), "jump")
+    assert "no chart: no curve in its evidence" in figures["update_ratio"]
+    assert 'class="fit"' in figures["attn_logit"] and "no ETA" in figures["attn_logit"]
+    first, last = fc["curve"]["steps"][0], fc["curve"]["steps"][-1]
+    no_eta_end = math.floor(last + (last - first) / 4 + 0.5)  # without an ETA: a quarter of the span past the last
+    assert f"step {no_eta_end}<" in figures["attn_logit"]
+    # a far ETA is clipped at twice the points' span past the last point, and named
+    assert f"step {last + 2 * (last - first)}<" in figures["adam_eps"]
+    assert f"ETA at step {fc['curve']['at_step'] + 1000} →" in figures["adam_eps"]
+    assert "no chart: its curve has 2 steps but 1 values" in figures["log_z"]
+    assert "no chart" in figures["out_rms"] and "watching" in figures["out_rms"]
+
+
+def test_forecasts_of_the_supervisor_are_json_safe_and_name_what_is_missing() -> None:
+    curve = {"steps": [1, 2, 3], "values": [1.0, 2.0, math.inf], "scale": "log", "slope": 0.7, "at_step": 3,
+             "at_value": 4.0, "limit": 100.0}  # fmt: skip
+    top = {
+        "attn_logit": Forecast(
+            "attn_logit", "h.0.attn", "attn_logit_max", 4.0, 3, 6.0, "warning", 0.8, "m", {"curve": curve}
+        ),
+        "out_rms": Forecast("out_rms", "h.0.mlp", "out_rms", math.nan, 3, None, None, 0.1, "n", {}),
+        "log_z": Forecast("log_z", "z", "log_z_mean", 1.0, 3, 9.0, None, 0.2, "o", {"curve": {**curve, "scale": "x"}}),
+    }
+    status = RunStatus("r", 3, Risk(0.8, "x"), {}, top)
+    got = forecasts(status)
+    assert [f["predictor"] for f in got] == ["attn_logit", "log_z", "out_rms"]  # riskiest first
+    assert got[0]["curve"]["values"] == [1.0, 2.0] and got[0]["curve_note"] is None  # the Inf cannot be drawn
+    assert got[1]["curve"] is None and "scale is 'x'" in got[1]["curve_note"]
+    assert got[2]["curve"] is None and got[2]["curve_note"] == "no curve in its evidence"
+    assert json.loads(json.dumps(plain(got), allow_nan=False))[2]["value"] == "NaN"
+    assert all(
+        f["curve"] is None and "most recently updated" in f["curve_note"] for f in forecasts(status, curves=False)
+    )
 
 
 def test_routes_methods_and_unchanged_metrics(agent: Agent) -> None:
