@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 SCALES = ("log", "linear")
 MAX_POINTS = 256  # the predictors send at most 64
-EXTEND = 2.0  # the future shown: at most this many times the points' span past the last point
+EXTEND = 3.0  # the future shown: at most this many times the points' span past the last point (trend.max_reach)
 STRETCH = 0.25  # without an ETA the line goes this fraction of the span past the last point
 PAD = 0.06  # of the value range, above and below
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}  # as agent.events.plain writes them

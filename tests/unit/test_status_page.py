@@ -276,8 +276,8 @@ def test_a_jump_forecast_without_eta_and_forecasts_without_curves_still_render(a
     first, last = fc["curve"]["steps"][0], fc["curve"]["steps"][-1]
     no_eta_end = math.floor(last + (last - first) / 4 + 0.5)  # without an ETA: a quarter of the span past the last
     assert f"step {no_eta_end}<" in figures["attn_logit"]
-    # a far ETA is clipped at twice the points' span past the last point, and named
-    assert f"step {last + 2 * (last - first)}<" in figures["adam_eps"]
+    # a far ETA is clipped at three times the points' span past the last point (trend.max_reach), and named
+    assert f"step {last + 3 * (last - first)}<" in figures["adam_eps"]
     assert f"ETA at step {fc['curve']['at_step'] + 1000} →" in figures["adam_eps"]
     assert "no chart: its curve has 2 steps but 1 values" in figures["log_z"]
     assert "no chart" in figures["out_rms"] and "watching" in figures["out_rms"]
