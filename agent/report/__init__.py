@@ -3,7 +3,9 @@
 After a run (or during it), from disk alone: the agent's ``events.jsonl`` says what it
 decided and why, its recordings ``stats-<run>.jsonl`` hold the statistics and the risk it
 computed (docs/report.md lists what each panel reads).  The result is one self-contained
-HTML page, figures embedded as PNG, plus the same PNGs beside it for slides and tickets.
+HTML page, figures embedded as PNG, plus the same PNGs beside it for slides and tickets; each
+trend detection of the event log also gets a panel of the curve it was fitted on
+(agent/report/forecasts.py).
 Panels whose statistics are missing are left out with a note; bad lines are left out and
 listed; only an unreadable path, an unwritable output or a missing matplotlib is an error.
 """
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.report import plots
+from agent.report import forecasts, plots
 from agent.report.load import ReportInput, RunData, load
 from agent.report.marks import Marks, marks_from_events
 from agent.report.page import Panel, page
@@ -178,12 +180,37 @@ def build_report(
                 else:
                     result.panels_left_out.append(f"{name}/{key}: {panel.note}")
                 panels.append(panel)
-            sections.append((rd, marks, panels))
+            trends = _forecasts(rd, out, slug, result)
+            result.panels_left_out += [f"{name}/forecasts: {n}" for n in trends.notes]
+            sections.append((rd, marks, panels, trends))
         text = page(data, sections, title=title or _title(data), generated=time.time())
         _write(out, text.encode())
     except OSError as exc:
         raise ReportError(f"cannot write the report {out}: {exc.strerror or exc}") from exc
     return result
+
+
+def _forecasts(rd: RunData, out: Path, slug: str, result: ReportResult) -> forecasts.Forecasts:
+    """The run's forecast panels (agent/report/forecasts.py), drawn and written beside the page."""
+    trends = forecasts.select(rd.events)
+    drawn = []
+    for p in trends.panels:
+        try:
+            p.png = plots.png(forecasts.figure(p))
+        except MatplotlibMissing:
+            raise
+        except Exception as exc:  # as for the other panels: a note, and the rest of the report
+            trends.notes.append(
+                f"{forecasts.describe(p.index, p.record)}: could not be drawn ({type(exc).__name__}: {exc})"
+            )
+            continue
+        target = out.with_name(f"{out.stem}-{slug}-forecast-{p.index}.png")
+        _write(target, p.png)
+        p.file = target.name
+        result.images.append(target)
+        drawn.append(p)
+    trends.panels = drawn
+    return trends
 
 
 def _title(data: ReportInput) -> str:

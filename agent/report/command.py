@@ -12,8 +12,9 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 DESCRIPTION = textwrap.fill(
     "Write a self-contained HTML report of a run from the agent's files alone: loss and gradient norm with "
     "every detection and action, per-layer heatmaps (update ratio; linear-output RMS and attention logits when "
-    "probes ran), Adam ε and WeSaR gates when those transforms ran, the spike risk and ETAs, and a table of "
-    "every event with its evidence. PATH is the agent's state directory (events.jsonl, stats-<run>.jsonl and "
+    "probes ran), Adam ε and WeSaR gates when those transforms ran, the spike risk and ETAs, each trend "
+    "detection with the curve it was fitted on and the limit it heads to, and a table of every event with its "
+    "evidence. PATH is the agent's state directory (events.jsonl, stats-<run>.jsonl and "
     "its rotated files), the directory above it, or the files themselves. The PNGs are also written beside "
     "the HTML file.",
     width=100,

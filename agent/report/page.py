@@ -14,7 +14,9 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+from agent.curve import eta_of
 from agent.policy import describe_actions
+from agent.report.forecasts import ForecastPanel, Forecasts
 from agent.report.load import ReportInput, RunData
 from agent.report.marks import Marks
 
@@ -32,6 +34,8 @@ th,td{border:1px solid #d0d7de;padding:4px 6px;text-align:left;vertical-align:to
 th{background:#f6f8fa}table.summary{width:auto}table.summary th{width:220px}
 tr.decision td{background:#fff5f5}tr.suppressed td{background:#f6f8fa;color:#57606a}tr.ack td{background:#f2fbf4}
 tr.rewind td{background:#fff8e6}td.num{text-align:right;white-space:nowrap}td.when{white-space:nowrap}
+.forecasts{display:grid;grid-template-columns:repeat(auto-fill,minmax(540px,1fr));gap:4px 18px}
+.forecasts figure{margin:8px 0}:target{outline:2px solid #d4a72c}
 .evidence{color:#57606a;font-size:11.5px;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;word-break:break-word}
 """
 
@@ -90,7 +94,9 @@ def describe(e: dict) -> tuple[str, str, str]:
     return str(kind), "", json.dumps(rest, ensure_ascii=False)[:600]
 
 
-def events_table(events: list[dict]) -> str:
+def events_table(events: list[dict], *, anchor: str | None = None, charts: frozenset[int] = frozenset()) -> str:
+    """One row per record; with ``anchor``, row i's number cell is ``{anchor}-ev-{i}`` and the rows in
+    ``charts`` link to their forecast panel ``{anchor}-fc-{i}``."""
     if not events:
         return '<p class="missing">No events recorded for this run.</p>'
     rows = []
@@ -100,10 +106,12 @@ def events_table(events: list[dict]) -> str:
         action = e.get("action") if kind in ("decision", "suppressed") else ""
         extra = _evidence(e.get("evidence")) if kind in ("decision", "suppressed") else ""
         step = e.get("step", "")
+        num = f'<td class="num" id="{anchor}-ev-{i}">' if anchor else '<td class="num">'
+        link = f' <a class="forecast-link" href="#{anchor}-fc-{i}">chart</a>' if anchor and i in charts else ""
         rows.append(
             f'<tr class="event {esc(kind)}" data-type="{esc(kind)}" data-action="{esc(action or "")}">'
-            f'<td class="num">{i}</td><td class="when">{esc(when(e.get("time")))}</td><td>{esc(kind)}</td>'
-            f'<td class="num">{esc(step if step is not None else "")}</td><td>{esc(what)}</td><td>{esc(detection)}</td>'
+            f'{num}{i}</td><td class="when">{esc(when(e.get("time")))}</td><td>{esc(kind)}</td>'
+            f'<td class="num">{esc(step if step is not None else "")}</td><td>{esc(what)}</td><td>{esc(detection)}{link}</td>'
             f"<td>{esc(line)}" + (f'<div class="evidence">{esc(extra)}</div>' if extra else "") + "</td></tr>"
         )
     head = "<tr><th>#</th><th>time</th><th>type</th><th>step</th><th>what</th><th>detection</th><th>evidence</th></tr>"
@@ -131,6 +139,45 @@ class Panel:
         )
 
 
+FORECASTS_CAPTION = (
+    "Each trend detection of the event log with the curve it was fitted on: the points (the statistic in its "
+    "own units), the fitted line to the ETA (clipped at three times the points' span past the last point, the ETA then "
+    "named at the edge), the limit it heads to (dashed red; crossing it is divergence; for adam_eps the value "
+    "falls towards ε), the detection's step (dotted) and the ETA (dash-dotted). Without an ETA (a level warning, "
+    "a jump of the update ratios) the points and the limit only."
+)
+
+
+def forecast_figure(p: ForecastPanel, anchor: str) -> str:
+    rec = p.record
+    data = base64.b64encode(p.png or b"").decode()
+    eta = eta_of(rec.get("eta_steps"))
+    eta_text = "no ETA" if eta is None else f"ETA {eta:.0f} steps"
+    held = f", held back ({rec.get('why')})" if rec.get("type") == "suppressed" else ""
+    return (
+        f'<figure class="forecast" id="{anchor}-fc-{p.index}" data-forecast="{esc(rec.get("detector"))}">'
+        f'<img alt="{esc(p.title)}" src="data:image/png;base64,{data}"><figcaption><b>{esc(p.title)}</b> at step '
+        f"{esc(rec.get('step'))}, {esc(eta_text)}{esc(held)}: {esc(rec.get('reason', ''))} "
+        f'(<a href="#{anchor}-ev-{p.index}">event #{p.index}</a>'
+        + (f"; also <code>{esc(p.file)}</code>" if p.file else "")
+        + ")</figcaption></figure>"
+    )
+
+
+def forecasts_section(trends: Forecasts, anchor: str) -> str:
+    if trends.empty:
+        return ""
+    parts = [f'<h3 id="{anchor}-forecasts">Forecasts ({len(trends.panels)})</h3>']
+    if trends.panels:
+        parts.append(f'<p class="meta">{esc(FORECASTS_CAPTION)}</p><div class="forecasts">')
+        parts += [forecast_figure(p, anchor) for p in trends.panels]
+        parts.append("</div>")
+    if trends.notes:
+        items = "".join(f"<li>{esc(n)}</li>" for n in trends.notes)
+        parts.append(f'<div class="missing" data-panel="forecasts"><ul>{items}</ul></div>')
+    return "".join(parts)
+
+
 def summary_table(rd: RunData, marks: Marks) -> str:
     rows: list[tuple[str, str]] = []
     if rd.steps:
@@ -156,7 +203,9 @@ def summary_table(rd: RunData, marks: Marks) -> str:
     return f'<table class="summary">{body}</table>'
 
 
-def page(data: ReportInput, sections: list[tuple[RunData, Marks, list[Panel]]], *, title: str, generated: float) -> str:
+def page(
+    data: ReportInput, sections: list[tuple[RunData, Marks, list[Panel], Forecasts]], *, title: str, generated: float
+) -> str:
     parts = [
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>',
         f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>",
@@ -175,14 +224,16 @@ def page(data: ReportInput, sections: list[tuple[RunData, Marks, list[Panel]]], 
             f'<div class="notes"><b>Read with notes</b> ({data.skipped_lines} line(s) left out):<ul>{items}</ul></div>'
         )
     if len(sections) > 1:
-        links = "".join(f'<li><a href="#run-{i}">{esc(rd.run)}</a></li>' for i, (rd, _, _) in enumerate(sections))
+        links = "".join(f'<li><a href="#run-{i}">{esc(rd.run)}</a></li>' for i, (rd, *_) in enumerate(sections))
         parts.append(f"<ul>{links}</ul>")
-    for i, (rd, marks, panels) in enumerate(sections):
-        parts.append(f'<section id="run-{i}" data-run="{esc(rd.run)}"><h2>Run {esc(rd.run)}</h2>')
+    for i, (rd, marks, panels, trends) in enumerate(sections):
+        anchor = f"run-{i}"
+        parts.append(f'<section id="{anchor}" data-run="{esc(rd.run)}"><h2>Run {esc(rd.run)}</h2>')
         parts.append(summary_table(rd, marks))
         parts += [p.html() for p in panels]
+        parts.append(forecasts_section(trends, anchor))
         parts.append(f"<h3>Events ({len(rd.events)})</h3>")
-        parts.append(events_table(rd.events))
+        parts.append(events_table(rd.events, anchor=anchor, charts=frozenset(p.index for p in trends.panels)))
         parts.append("</section>")
     if data.global_events:
         parts.append(f"<h2>Agent events ({len(data.global_events)})</h2>")

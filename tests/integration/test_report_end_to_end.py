@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import sentinel
+from agent.predict import TREND_PREDICTORS
 from agent.recording import read_recording
 from agent.spawn import AgentProcess
 from examples.tiny_gpt import GPT, BadRegion, GPTConfig, Windows, stdlib_corpus
@@ -126,6 +127,25 @@ def test_every_event_has_its_row_with_its_evidence(report: dict) -> None:
             assert e["reason"].split(" -> ")[0].replace("<", "&lt;").replace(">", "&gt;") in html
         if e["type"] == "ack":
             assert e["detail"] in html
+
+
+def test_every_trend_detection_has_its_forecast_panel_or_a_note(report: dict) -> None:
+    html = report["out"].read_text().split("<h2>Agent events")[0]
+    run_events = [e for e in report["events"] if e.get("run") == "report-run"]
+    trend = [
+        i
+        for i, e in enumerate(run_events, 1)
+        if e["type"] in ("decision", "suppressed") and e["detector"] in TREND_PREDICTORS
+    ]
+    drawn = [int(i) for i in re.findall(r'<figure class="forecast" id="run-0-fc-(\d+)"', html)]
+    assert set(drawn) <= set(trend) and len(drawn) <= 12
+    for i in trend:
+        if i in drawn:  # the panel beside the page, and the event's row links to it
+            assert report["out"].with_name(f"report-report-run-forecast-{i}.png").read_bytes().startswith(PNG)
+            assert re.search(rf'id="run-0-ev-{i}">(?:(?!</tr>).)*href="#run-0-fc-{i}"', html, re.S)
+        else:
+            assert f"event #{i} " in html or "more trend detection(s) not drawn" in html
+    print(f"trend detections: {len(trend)}, forecast panels: {len(drawn)}")
 
 
 def test_the_agent_persisted_the_risk_it_computed(report: dict) -> None:

@@ -7,6 +7,7 @@ names, stats ``out_rms`` and ``attn_logit_max``), through ``StatsRecorder`` and 
 from __future__ import annotations
 
 import base64
+import math
 import re
 import sys
 
@@ -20,7 +21,7 @@ from agent.events import EventLog
 from agent.history import History
 from agent.protocol import decode
 from agent.recording import StatsRecorder, read_recording
-from agent.report import MatplotlibMissing, ReportError, build_report, plots
+from agent.report import MatplotlibMissing, ReportError, build_report, forecasts, plots
 from agent.report.load import StatSeries
 from agent.report.marks import marks_from_events
 from agent.supervisor import Supervisor
@@ -136,7 +137,10 @@ def test_full_run_has_every_panel_embedded_and_beside(tmp_path):
     )
     assert [r for r in rows if r[0] in ("ack", "sent", "rewind")] == [("sent", ""), ("ack", ""), ("rewind", "")]
     assert "rolled back from step 52 to step-40" in html and "z=21" in html  # the evidence lines
-    assert result.panels_left_out == [] and result.notes == []
+    # the attn_logit decision was written without a curve (as by an agent before forecasts carried one)
+    missing = "event #5 (attn_logit/warning h.1.attn at step 70): no chart, no curve in its evidence"
+    assert result.panels_left_out == [f"r1/forecasts: {missing}"] and result.notes == []
+    assert '<h3 id="run-0-forecasts">Forecasts (0)</h3>' in html and missing in html and "forecast-link" not in html
 
 
 def test_events_only(tmp_path):
@@ -351,3 +355,170 @@ def test_every_rotated_recording_file_carries_the_risk_in_force(tmp_path):
         risk: list[dict] = []
         steps = [r.message.step for r in read_recording([path], risk=risk)]
         assert steps and [r["step"] for r in risk] == steps[:1], path.name  # one line, with the file's first message
+
+
+def logit_run(directory, steps: int = 131) -> list[dict]:
+    """The real Supervisor, event log and recorder on a max attention logit of h.0.attn growing as
+    100·exp(k·t), 1e4 at step 150: a warning from about step 40, critical about 25 steps before."""
+    config = load_config({})
+    recorder = StatsRecorder(directory, max_file_bytes=1 << 22, max_files=2)
+    events = EventLog(directory / "events.jsonl", clock=lambda: 2.0e9)
+    events.open()
+    sup = Supervisor(config, events)
+    sup.recorder = recorder
+    history = History(steps=256, max_series=8, max_matrix_bytes=1 << 20, max_scalar_names=32, max_layouts=8)
+    layouts: dict = {}
+    k = math.log(100.0) / 150
+    for step in range(steps):
+        for kw in ({"scalars": {"loss": 3.0, "grad_norm": 1.0}},
+                   {"stats": ("attn_logit_max",), "tensors": ATTN, "matrix": [[100.0 * math.exp(k * step)], [20.0]]}):  # fmt: skip
+            msg = _msg(layouts, step, **kw)
+            recorder.record(msg, float(step))
+            sup.observe(msg, history.push(msg, float(step)).series)
+    recorder.close()
+    events.close()
+    return [r for r in events.records if r["type"] == "decision"]
+
+
+def test_an_attention_logit_warning_gets_a_forecast_panel_linked_from_its_event(tmp_path):
+    decisions = logit_run(tmp_path / "state")
+    assert [(d["detector"], d["severity"]) for d in decisions] == [
+        ("attn_logit", "warning"),
+        ("attn_logit", "critical"),
+    ]
+    assert all(d["evidence"]["curve"]["limit"] == 1e4 for d in decisions)  # the detection's curve, in the record
+    result = build_report([tmp_path / "state"], tmp_path / "out" / "report.html")
+    html = result.html.read_text()
+    rows = re.findall(r'<td class="num" id="run-0-ev-(\d+)">\d+</td>.*?</tr>', html, re.S)
+    linked = re.findall(r'<td class="num" id="run-0-ev-(\d+)">(?:(?!</tr>).)*href="#run-0-fc-(\d+)"', html, re.S)
+    assert len(rows) == 2 and [a for a, b in linked] == [b for a, b in linked] == rows  # each decision row links
+    figures = re.findall(
+        r'<figure class="forecast" id="run-0-fc-(\d+)" data-forecast="attn_logit"><img alt="([^"]*)" '
+        r'src="data:image/png;base64,([^"]+)"><figcaption>(.*?)</figcaption>',
+        html,
+    )
+    assert [f[0] for f in figures] == rows and [f[1] for f in figures] == [
+        "attn_logit / h.0.attn / warning", "attn_logit / h.0.attn / critical"
+    ]  # fmt: skip
+    for index, _, data, caption in figures:
+        beside = tmp_path / "out" / f"report-r1-forecast-{index}.png"
+        assert base64.b64decode(data) == beside.read_bytes() and beside.read_bytes().startswith(PNG)
+        assert beside in result.images and f'href="#run-0-ev-{index}"' in caption and "ETA " in caption
+    assert html.index("Forecasts (2)") < html.index("<h3>Events")  # next to the events table
+    assert not any("forecasts" in p for p in result.panels_left_out)
+
+    # what the warning's panel draws: its points, the line, the limit, the detection's step and the ETA
+    panel = forecasts.select(load_report_events(tmp_path / "state")).panels[0]
+    fig = forecasts.figure(panel)
+    (ax,) = fig.axes
+    curve, warn = panel.curve, decisions[0]
+    assert ax.get_yscale() == "log" and ax.get_title() == "attn_logit / h.0.attn / warning"
+    assert len(ax.collections[0].get_offsets()) == len(curve.steps) == len(warn["evidence"]["curve"]["steps"])
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["limit 10000"].get_ydata()) == [1e4, 1e4]
+    assert list(lines[f"detection at step {warn['step']}"].get_xdata()) == [warn["step"]] * 2
+    eta_step = warn["step"] + warn["eta_steps"]
+    assert lines["fitted line"].get_xdata()[-1] == pytest.approx(eta_step)  # to the ETA ...
+    assert lines["fitted line"].get_ydata()[-1] == pytest.approx(1e4, rel=1e-6)  # ... where it meets the limit
+    assert any(label.startswith(f"ETA {warn['eta_steps']:.0f} steps") for label in lines)
+    assert ax.get_xlim()[1] >= eta_step and ax.get_ylim()[1] > 1e4
+
+
+def load_report_events(directory) -> list[dict]:
+    from agent.report import load
+
+    return load([directory]).runs["r1"].events
+
+
+def _trend_record(step: int, severity: str = "warning", detector: str = "attn_logit", **evidence) -> dict:
+    return {"type": "decision", "id": f"d-{step}", "run": "r1", "rank": 0, "step": step, "epoch": 0,
+            "detector": detector, "severity": severity, "statistic": "attn_logit_max", "layer": "h.0.attn",
+            "value": 300.0, "eta_steps": 50.0, "evidence": evidence, "action": "warn", "reason": "r",
+            "commands": []}  # fmt: skip
+
+
+CURVE = {"steps": [1, 2, 3, 4], "values": [100.0, 120.0, 150.0, 180.0], "scale": "log", "slope": 0.2,
+         "at_step": 4, "at_value": 180.0, "limit": 1e4}  # fmt: skip
+
+
+def test_malformed_curves_become_notes_and_the_rest_is_drawn(tmp_path):
+    log = EventLog(tmp_path / "events.jsonl", clock=lambda: 2.0e9)
+    log.open()
+    bad = [
+        {"curve": {**CURVE, "values": [1.0]}},
+        {"curve": {**CURVE, "scale": "weird"}},
+        {"curve": {**CURVE, "limit": "NaN"}},
+        {"curve": {**CURVE, "steps": ["a", 2, 3, 4]}},
+        {"curve": "not a curve"},
+        {"curve": {**CURVE, "values": ["NaN", -1.0, 0.0, "Infinity"]}},  # nothing drawable on a log scale
+        {},  # a trend detector's record without a curve (an older agent)
+    ]
+    for i, evidence in enumerate(bad):
+        log.append(_trend_record(10 + i, **evidence))
+    log.append(_trend_record(30, **{"curve": CURVE}))
+    log.append({**_trend_record(31, detector="loss_spike"), "evidence": {"z": 9.0}})  # not a trend: no panel, no note
+    log.append({**_trend_record(32), "evidence": [1, 2]})
+    log.close()
+    result = build_report([tmp_path], tmp_path / "r.html")
+    html = result.html.read_text()
+    notes = [n.removeprefix("r1/forecasts: ") for n in result.panels_left_out if n.startswith("r1/forecasts: ")]
+    assert notes == [
+        "event #1 (attn_logit/warning h.0.attn at step 10): no chart, its curve has 4 steps but 1 values",
+        "event #2 (attn_logit/warning h.0.attn at step 11): no chart, its curve's scale is 'weird', not log or linear",
+        "event #3 (attn_logit/warning h.0.attn at step 12): no chart, its curve's limit is not a finite number",
+        "event #4 (attn_logit/warning h.0.attn at step 13): no chart, its curve's steps are not all integers",
+        "event #5 (attn_logit/warning h.0.attn at step 14): no chart, its curve is not an object",
+        "event #6 (attn_logit/warning h.0.attn at step 15): no chart, its curve has no point that can be drawn",
+        "event #7 (attn_logit/warning h.0.attn at step 16): no chart, no curve in its evidence",
+        "event #10 (attn_logit/warning h.0.attn at step 32): no chart, no curve in its evidence",
+    ]
+    assert all(n.replace("'", "&#x27;") in html for n in notes)
+    assert re.findall(r'<figure class="forecast" id="run-0-fc-(\d+)"', html) == ["8"]
+    assert (tmp_path / "r-r1-forecast-8.png").read_bytes().startswith(PNG)
+
+
+def test_a_forecast_panel_that_fails_to_draw_is_a_note(tmp_path, monkeypatch):
+    log = EventLog(tmp_path / "events.jsonl", clock=lambda: 2.0e9)
+    log.open()
+    log.append(_trend_record(5, curve=CURVE))
+    log.close()
+
+    def boom(panel):
+        raise ValueError("no room")
+
+    monkeypatch.setattr(forecasts, "figure", boom)
+    result = build_report([tmp_path], tmp_path / "r.html")
+    assert [p for p in result.panels_left_out if "forecasts" in p] == [
+        "r1/forecasts: event #1 (attn_logit/warning h.0.attn at step 5): could not be drawn (ValueError: no room)"
+    ]
+    assert "forecast-link" not in result.html.read_text() and not list(tmp_path.glob("r-r1-forecast-*.png"))
+
+
+def test_at_most_12_panels_the_first_warning_and_critical_of_each_predictor_first():
+    records = [_trend_record(s, curve=CURVE) for s in range(20)]  # 20 attn_logit warnings
+    records += [{"type": "ack", "id": "c", "status": "applied"}]
+    records += [_trend_record(100, "critical", curve=CURVE), _trend_record(101, "critical", curve=CURVE)]
+    records += [_trend_record(200 + s, detector="adam_eps", curve=CURVE) for s in range(3)]
+    got = forecasts.select(records)
+    steps = [p.record["step"] for p in got.panels]
+    assert len(steps) == forecasts.MAX_PANELS and steps == sorted(steps)
+    assert {100, 200} <= set(steps) and 101 not in steps  # each (predictor, severity) first, then in order
+    assert steps[:9] == list(range(9)) and 0 in steps
+    assert got.notes == [
+        "13 more trend detection(s) not drawn: at most 12 panels per run, the first warning and the first critical "
+        "of each predictor first"
+    ]
+
+
+def test_a_far_eta_is_clipped_and_written_and_a_jump_has_no_line():
+    far = {**_trend_record(4, curve=CURVE), "eta_steps": 500.0}
+    jump = {**_trend_record(5, detector="update_ratio", curve={**CURVE, "slope": 0.0}), "eta_steps": None}
+    p_far, p_jump = forecasts.select([far, jump]).panels
+    (ax,) = forecasts.figure(p_far).axes
+    assert ax.get_xlim()[1] < 4 + 3 * 3 + 1  # three spans of the points past the last, not step 504
+    assert [t.get_text() for t in ax.texts] == ["ETA 500 steps (step 504) →"]
+    assert "fitted line" in [line.get_label() for line in ax.get_lines()]
+    (ax,) = forecasts.figure(p_jump).axes
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "fitted line" not in labels and "limit 10000" in labels and not ax.texts
+    assert ax.get_title() == "update_ratio / h.0.attn / warning"
