@@ -87,10 +87,13 @@ class PreventionConfig:
         doc="Act on a critical forecast of a precursor detector before the loss moves (docs/policy.md, 'Prevention').",
     )
     detectors: list[str] = option(
-        list(REMEDIES), doc=f"Detectors prevention answers; each has its remedy ({', '.join(f'{k}: {v}' for k, v in REMEDIES.items())})."
+        list(REMEDIES),
+        doc=f"Detectors prevention answers; each has its remedy ({', '.join(f'{k}: {v}' for k, v in REMEDIES.items())}).",
     )
     lr_factor: float = option(0.5, range=(1e-6, 1.0), doc="lr_scale factor of the rollback_lr remedy.")
-    eps_factor: float = option(1e-3, range=(1e-12, 1.0), doc="eps_scale factor of the eps remedy (ε is only ever lowered).")
+    eps_factor: float = option(
+        1e-3, range=(1e-12, 1.0), doc="eps_scale factor of the eps remedy (ε is only ever lowered)."
+    )
     margin_steps: int = option(
         10, range=(0, 1_000_000), doc="Steps before the trend's first point that the rollback goes back to."
     )
@@ -310,7 +313,12 @@ class Policy:
         fault).  ``rollback``: to before this step.  ``eps``: ``eps_scale(eps_factor)``.
         """
         p = self.cfg.prevention
-        if not p.enabled or det.severity != "critical" or det.detector not in p.detectors or det.detector not in REMEDIES:
+        if (
+            not p.enabled
+            or det.severity != "critical"
+            or det.detector not in p.detectors
+            or det.detector not in REMEDIES
+        ):
             return None
         remedy = REMEDIES[det.detector]
         if remedy == "eps":

@@ -29,8 +29,12 @@ from agent.typedconfig import option
 @dataclass
 class AdamEpsConfig:
     enabled: bool = option(True, doc="Watch `sqrt_v_rms` (else `grad_rms`) falling towards the Adam ε in force.")
-    eps: float = option(1e-8, range=(0.0, 1.0), doc="Adam ε when the trainer sends neither a column nor a scalar `adam_eps`.")
-    margin: float = option(10.0, range=(1.0, 1e6), doc="√v̂ below margin × ε is a warning (the update is already shrunk).")
+    eps: float = option(
+        1e-8, range=(0.0, 1.0), doc="Adam ε when the trainer sends neither a column nor a scalar `adam_eps`."
+    )
+    margin: float = option(
+        10.0, range=(1.0, 1e6), doc="√v̂ below margin × ε is a warning (the update is already shrunk)."
+    )
     watch: float = option(1e3, range=(1.0, 1e30), doc="Lines are extrapolated only once √v̂ is within watch × ε.")
 
 

@@ -12,7 +12,6 @@ move is at least ``critical_fraction`` of ‖W‖.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +26,9 @@ NEEDS = ("param_l2", "update_l2")
 class IntegrityConfig:
     enabled: bool = option(True, doc="Report weights whose norm moved more than their own update explains.")
     tolerance: float = option(1e-4, range=(0.0, 1.0), doc="Unexplained move, as a fraction of ||W||, that is ignored.")
-    critical_fraction: float = option(0.01, range=(0.0, 1e6), doc="Unexplained move (fraction of ||W||) that is critical.")
+    critical_fraction: float = option(
+        0.01, range=(0.0, 1e6), doc="Unexplained move (fraction of ||W||) that is critical."
+    )
 
 
 class Integrity(Predictor):

@@ -48,10 +48,14 @@ class Nonfinite(Predictor):
                 out.append(Detection(self.run, self.rank, msg.step, self.name, "critical", name, v,
                                      f"{name} is {v} at step {msg.step}", evidence={"value": v}))  # fmt: skip
             self._bad.add(name)
-        others = [n for n, v in zip(msg.layout.scalars, msg.scalars.tolist()) if n not in PRIMARY and not math.isfinite(v)]
+        others = [
+            n for n, v in zip(msg.layout.scalars, msg.scalars.tolist()) if n not in PRIMARY and not math.isfinite(v)
+        ]
         if not np.isfinite(msg.matrix).all():
             rows, cols = np.nonzero(~np.isfinite(msg.matrix))
-            others += [f"{msg.layout.tensors[r]}/{msg.layout.stats[c]}" for r, c in zip(rows[:5].tolist(), cols[:5].tolist())]
+            others += [
+                f"{msg.layout.tensors[r]}/{msg.layout.stats[c]}" for r, c in zip(rows[:5].tolist(), cols[:5].tolist())
+            ]
         key = ("*", msg.layout)
         if not others:
             self._bad.discard(key)

@@ -75,7 +75,11 @@ class OutRms(TrendPredictor):
                     continue
                 layer = w.tensors[r]
                 message = f"out_rms of {layer} is {g:.2f}× its early value {base[r]:.4g}"
-                message += f" (limit {self.c.max_growth:g}×)" if eta == 0.0 else f"; ETA to {self.c.max_growth:g}×: {eta:.0f} steps"
+                message += (
+                    f" (limit {self.c.max_growth:g}×)"
+                    if eta == 0.0
+                    else f"; ETA to {self.c.max_growth:g}×: {eta:.0f} steps"
+                )
                 fc = curve(w.steps, w.values[:, r], line._replace(at_last=line.at_last + math.log(base[r])),
                            self.c.max_growth * base[r], "log")  # fmt: skip
                 out.append(self.forecast(layer, self.stat, float(w.values[-1, r]), int(w.steps[-1]), eta, severity,

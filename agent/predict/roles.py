@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.protocol import Layout, StatsMessage
+from agent.protocol import VECTOR_ROLES, Layout, StatsMessage
 
-VECTOR_ROLES = frozenset({"norm", "bias", "vector"})
 FALLBACK_EXCLUDE = ("bias", "norm", "ln_", "ln1", "ln2", "ln_f", "layernorm", "rmsnorm")
 
 _cache: dict[tuple[Layout, tuple[str, ...]], np.ndarray] = {}

@@ -69,7 +69,9 @@ class TrendConfig:
     max_reach: float = option(
         3.0, range=(0.1, 1e6), doc="An ETA may be at most this many times the span the line was fitted on."
     )
-    warmup_steps: int = option(0, range=(0, 100_000_000), doc="Steps before which trend predictors ignore the statistics.")
+    warmup_steps: int = option(
+        0, range=(0, 100_000_000), doc="Steps before which trend predictors ignore the statistics."
+    )
     warn_eta_steps: int = option(200, range=(0, 100_000_000), doc="An ETA at or below this is a warning detection.")
     critical_eta_steps: int = option(
         25,
@@ -205,7 +207,11 @@ class TrendPredictor(Predictor):
         if eta <= t.critical_eta_steps:
             return eta, "critical", 1.0
         if eta <= t.warn_eta_steps:
-            return eta, "warning", 1.0 - 0.5 * (eta - t.critical_eta_steps) / max(1, t.warn_eta_steps - t.critical_eta_steps)
+            return (
+                eta,
+                "warning",
+                1.0 - 0.5 * (eta - t.critical_eta_steps) / max(1, t.warn_eta_steps - t.critical_eta_steps),
+            )
         horizon = max(self.cfg.horizon_steps, t.warn_eta_steps + 1)
         return eta, None, max(0.0, 0.5 * (horizon - eta) / (horizon - t.warn_eta_steps))
 

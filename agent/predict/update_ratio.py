@@ -32,9 +32,7 @@ from agent.typedconfig import option
 @dataclass
 class UpdateRatioConfig:
     enabled: bool = option(True, doc="Watch the update ratio ||dW||/||W|| of the weight matrices for a sudden jump.")
-    jump: float = option(
-        4.0, range=(1.0, 1e6), doc="Median update ratio this many times its recent median: a warning."
-    )
+    jump: float = option(4.0, range=(1.0, 1e6), doc="Median update ratio this many times its recent median: a warning.")
     critical_jump: float = option(8.0, range=(1.0, 1e6), doc="... this many times: critical.")
     history: int = option(16, range=(2, 10_000), doc="Previous statistics steps whose median is the reference.")
     exclude: list[str] = option(

@@ -50,7 +50,9 @@ class UpdateSpread(TrendPredictor):
         if self._spread and msg.step <= self._spread[-1][0]:
             self._spread.clear()
         top = int(vals.argmax())
-        self._spread.append((msg.step, float(vals[top] / median(vals)), msg.layout.tensors[int(np.flatnonzero(keep)[top])], len(vals)))
+        self._spread.append(
+            (msg.step, float(vals[top] / median(vals)), msg.layout.tensors[int(np.flatnonzero(keep)[top])], len(vals))
+        )
 
     def past_limit(self, msg) -> bool:
         return bool(self._spread) and self._spread[-1][0] == msg.step and self._spread[-1][1] >= self.c.max_spread
@@ -75,4 +77,6 @@ class UpdateSpread(TrendPredictor):
         head = f"update_ratio spread (max/median over {matrices} matrices) is {spread:.3g}; largest: {largest}"
         message = head if eta == 0.0 else f"{head}; ETA to {self.c.max_spread:g}: {eta:.0f} steps"
         fc = curve(steps, values, line, self.c.max_spread, "log")
-        return [self.forecast(largest, self.stat, spread, step, eta, severity, risk, message, line, fc, matrices=matrices)]
+        return [
+            self.forecast(largest, self.stat, spread, step, eta, severity, risk, message, line, fc, matrices=matrices)
+        ]

@@ -24,7 +24,7 @@ def test_prediction_families_are_documented_clean_and_filled(tmp_path):
             "metrics": {"port": 0},
             "commands": {"endpoint": "tcp://127.0.0.1:0"},
             "state_dir": str(tmp_path),
-            "predict": {"trend": {"warmup_steps": 0}},
+            "predict": {"trend": {"warmup_steps": 0}},  # the default since the zoo; kept as an explicit key
         }
     )
     rng = np.random.default_rng(0)
@@ -35,11 +35,11 @@ def test_prediction_families_are_documented_clean_and_filled(tmp_path):
             push.send(make_frames(run="m", step=step, scalars={"loss": loss}, stats=("attn_logit_max",),
                                   tensors=("h.0.attn", "h.1.attn"), matrix=[[logit], [1.0]]))  # fmt: skip
         deadline = time.monotonic() + 10
-        while (agent.state.received_messages < 120 or agent.state.decisions < 2) and time.monotonic() < deadline:
+        while (agent.state.received_messages < 120 or agent.state.decisions < 3) and time.monotonic() < deadline:
             time.sleep(0.01)  # the decision on the last message follows its receipt
         while time.monotonic() < deadline:  # the command server counts a held command on its own thread
             text = fetch(agent.metrics_url)
-            if parse_metrics(text).value("sentinel_agent_undeliverable_commands_total") == 2:
+            if parse_metrics(text).value("sentinel_agent_undeliverable_commands_total") == 3:
                 break
             time.sleep(0.05)
     s = parse_metrics(text)
@@ -49,7 +49,9 @@ def test_prediction_families_are_documented_clean_and_filled(tmp_path):
     assert s.value("sentinel_detections_total", run="m", detector="nonfinite", severity="critical") == 1
     assert s.value("sentinel_agent_actions_total", action="rollback") == 1
     assert s.value("sentinel_agent_actions_total", action="stop") == 0
-    assert s.value("sentinel_agent_undeliverable_commands_total") == 2  # warn and rollback: no trainer said hello
+    # the attention warning and its critical (both warn), and the rollback: no trainer said hello
+    assert s.value("sentinel_agent_undeliverable_commands_total") == 3
+    assert s.value("sentinel_detections_total", run="m", detector="attn_logit", severity="critical") == 1
     doc = (DOCS / "metrics.md").read_text()
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.M))
     generic = {stat_family_name("attn_logit_max")}  # documented as sentinel_param_<name>
