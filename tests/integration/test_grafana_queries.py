@@ -42,7 +42,18 @@ AGENT_CONFIG = {
     "predict": {
         "loss": {"warmup": 16, "window": 16},
         "grad_norm": {"warmup": 16, "window": 16},
-        "trend": {"warmup_steps": 0, "min_points": 4, "min_t": 0.0, "window": 8, "warn_eta_steps": 100_000},
+        # every trend gate open, so that a short healthy run fills the forecast panels
+        "trend": {
+            "min_points": 4,
+            "min_t": 0.0,
+            "window_steps": 8,
+            "sustain": 0.0,
+            "max_reach": 1e6,
+            "warn_eta_steps": 100_000,
+        },  # fmt: skip
+        "attn_logit": {"watch_from": 0.0},
+        "adam_eps": {"watch": 1e30},
+        "out_rms": {"enabled": True, "watch_from": 1.0},
     },
     "policy": {"rules": [{"detector": "*", "severity": "warning", "action": "warn", "args": {}}]},
 }

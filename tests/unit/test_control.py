@@ -219,6 +219,30 @@ def test_lr_scale_scales_the_groups_and_the_scheduler_keeps_its_shape(router: Ro
     sn.close()
 
 
+def test_eps_scale_lowers_every_groups_eps_and_survives_a_rollback(router: Router, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "eps": 1e-6}], lr=1e-3)
+    cfg = {"run": "ctl", "publish": {"enabled": False}, "control": {"endpoint": router.endpoint},
+           "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": 2, "good_after": 1}}  # fmt: skip
+    sn = sentinel.attach(model, optimizer, **cfg)
+    for _ in range(4):
+        _step(sn, model, optimizer)
+    acks = _apply_via_agent(router, sn, model, optimizer, _cmd("e", "eps_scale", factor=1e-3))
+    assert acks[0].status == "applied" and "cumulative x0.001" in acks[0].detail
+    assert [g["eps"] for g in optimizer.param_groups] == [pytest.approx(1e-11), pytest.approx(1e-9)]
+    scaled_at = acks[0].step
+    for _ in range(4):
+        _step(sn, model, optimizer)
+    back = sn.step - (scaled_at - 1)
+    acks = _apply_via_agent(router, sn, model, optimizer, _cmd("rb", "rollback", steps_back=back, skip=0))
+    assert acks[0].status == "applied" and int(acks[0].detail.rsplit("now at step ", 1)[1]) < scaled_at
+    # the checkpoint holds the eps from before the command; the live factor is applied again
+    assert [g["eps"] for g in optimizer.param_groups] == [pytest.approx(1e-11), pytest.approx(1e-9)]
+    assert sn.state_dict()["control"]["eps_factor"] == pytest.approx(1e-3)
+    sn.close()
+
+
 def test_stop_ends_batches_and_sets_should_stop(router: Router) -> None:
     sn, model, optimizer, _ = _trainer(router.endpoint)
     _connected(router, sn, model, optimizer)

@@ -47,7 +47,8 @@ def test_default_rules_are_the_palm_recipe_and_first_match_wins():
     p = policy()
     assert actions(p.decide(det(500))) == [("rollback", {"steps_back": 100, "skip": 200})]
     assert actions(p.decide(det(500, "nonfinite"))) == [("rollback", {"steps_back": 100, "skip": 200})]
-    assert actions(p.decide(det(500, "grad_norm_spike"))) == [("skip_update", {"steps": 1})]
+    # a command reaches the trainer a step after the spike it answers: skipping the update is the in-step guard's
+    assert actions(p.decide(det(500, "grad_norm_spike"))) == [("warn", {})]
     assert actions(p.decide(det(500, "loss_spike", "warning"))) == [("warn", {})]
     assert actions(p.decide(det(500, "attn_logit", "critical", layer="h.0.attn"))) == [("warn", {})]
     custom = policy(rules=[{"detector": "attn_logit", "action": "lr_scale", "args": {"factor": 0.5}}])
@@ -55,14 +56,21 @@ def test_default_rules_are_the_palm_recipe_and_first_match_wins():
     assert custom.decide(det(5, "loss_spike")) is None  # no rule: detection only
 
 
+SKIP_RULES = [
+    {"detector": "grad_norm_spike", "severity": "critical", "action": "skip_update", "args": {"steps": 1}},
+    {"detector": "loss_spike", "severity": "critical", "action": "rollback", "args": {"steps_back": 100, "skip": 200}},
+    {"detector": "*", "severity": "warning", "action": "warn", "args": {}},
+]
+
+
 def test_cooldown_holds_back_actions_as_strong_but_not_stronger_ones():
-    p = policy(cooldown_steps=50)
+    p = policy(cooldown_steps=50, rules=SKIP_RULES)
     assert decide_commit(p, det(500, "grad_norm_spike")).action == "skip_update"
     held = decide_commit(p, det(520, "grad_norm_spike"))
     assert held.suppressed == "cooldown" and held.commands == ()
     assert decide_commit(p, det(525, "loss_spike", "warning")).action == "warn"  # warnings are not held
     assert decide_commit(p, det(530, "loss_spike")).action == "rollback"  # stronger: goes through
-    p2 = policy(cooldown_steps=50)
+    p2 = policy(cooldown_steps=50, rules=SKIP_RULES)
     decide_commit(p2, det(500, "grad_norm_spike"))
     assert decide_commit(p2, det(551, "grad_norm_spike")).suppressed is None
 
@@ -218,3 +226,51 @@ def test_no_command_leaves_when_the_event_log_cannot_be_written(tmp_path, caplog
     assert sup.snapshot().event_log_errors == 1 and events.errors == 1
     assert "decision not taken" in caplog.text
     events.close()
+
+
+def trend(step, detector="attn_logit", severity="critical", **evidence):
+    return Detection("r", 0, step, detector, severity, "attn_logit_max", 5e3, f"{detector} at {step}",
+                     layer="h.0.attn", eta_steps=20.0, evidence=evidence)  # fmt: skip
+
+
+def test_prevention_is_off_by_default_and_warns_only():
+    assert actions(policy().decide(trend(300, span_steps=60.0))) == [("warn", {})]
+
+
+def test_prevention_rolls_back_to_before_the_trend_and_lowers_the_lr():
+    p = policy(prevention={"enabled": True})
+    got = decide_commit(p, trend(300, span_steps=60.0))
+    assert actions(got) == [("rollback", {"steps_back": 70, "skip": 0}), ("lr_scale", {"factor": 0.5})]
+    assert got.rule == -1 and "lr_scale(factor=0.5)" in got.reason
+    early = policy(prevention={"enabled": True}).decide(trend(40, span_steps=40.0))
+    assert actions(early)[0] == ("rollback", {"steps_back": 40, "skip": 0})  # never before step 0
+    assert p.decide(trend(310, span_steps=60.0)).suppressed == "pending_rollback"
+    fresh = policy(prevention={"enabled": True})
+    assert actions(fresh.decide(trend(310, severity="warning", span_steps=60.0))) == [("warn", {})]  # warnings warn
+
+
+def test_prevention_undoes_an_lr_jump_and_a_bad_write_and_lowers_eps():
+    p = policy(prevention={"enabled": True})
+    jump = decide_commit(p, trend(150, "update_ratio", jump=9.7, lr=3e-2, lr_before=3e-3))
+    assert actions(jump) == [("rollback", {"steps_back": 1, "skip": 0}), ("lr_scale", {"factor": pytest.approx(0.1)})]
+    q = policy(prevention={"enabled": True})
+    assert actions(q.decide(trend(150, "update_ratio", jump=4.0)))[1] == ("lr_scale", {"factor": 0.25})
+    assert actions(q.decide(trend(150, "param_integrity"))) == [("rollback", {"steps_back": 1, "skip": 0})]
+    assert actions(q.decide(trend(150, "adam_eps"))) == [("eps_scale", {"factor": 1e-3})]
+    off = policy(prevention={"enabled": True, "detectors": ["attn_logit"]})
+    assert actions(off.decide(trend(150, "adam_eps"))) == [("warn", {})]
+
+
+def test_a_second_prevention_escalates_and_the_cap_still_stops_the_run():
+    p = policy(prevention={"enabled": True}, max_rollbacks=2, cooldown_steps=10)
+    decide_commit(p, trend(100, span_steps=50.0))
+    p.rewind("r", 101, 50)
+    second = decide_commit(p, trend(120, span_steps=50.0))
+    assert second.level == 1 and actions(second)[1] == ("lr_scale", {"factor": 0.5})
+    p.rewind("r", 121, 60)
+    assert decide_commit(p, trend(140, span_steps=50.0)).action == "stop"
+
+
+def test_prevention_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="policy.prevention.lr_factor"):
+        load_config({"policy": {"prevention": {"lr_factor": 2.0}}})
