@@ -1,0 +1,112 @@
+"""The zoo's models: the tiny GPT of examples/tiny_gpt.py, and two written by nobody here.
+
+* ``gpt``: examples/tiny_gpt.GPT (GPT-2 names: ``c_attn``, ``c_proj``, ``c_fc``, ``ln_1``), with
+  its QK-norm and soft-cap options;
+* ``llama``: Hugging Face ``LlamaForCausalLM`` built from a config in code (RMSNorm, SwiGLU,
+  RoPE, separate ``q_proj``/``k_proj``/``v_proj``), and ``qwen3``, the same with QK-norm
+  (``q_norm``/``k_norm``), its stable twin;
+* ``plain``: a byte-level GPT in another naming style (``qkv``, ``proj``, ``fc1``, ``fc2``,
+  ``ln1``, ``ln2``, ``tok``/``pos``/``out``), which no name preset knows.
+
+``forward(model, x, y)`` returns (logits, loss) for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from examples.tiny_gpt import GPT, GPTConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str = "gpt"  # gpt | llama | qwen3 | plain
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    block_size: int = 64
+    qk_norm: bool = False
+    softcap: float | None = None
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, d: int, heads: int, qk_norm: bool):
+        super().__init__()
+        self.heads, self.qk_norm = heads, qk_norm
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
+        if self.qk_norm:
+            q, k = F.rms_norm(q, q.shape[-1:]), F.rms_norm(k, k.shape[-1:])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.proj(y)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Plain(nn.Module):
+    """A nanoGPT-like model whose names match no preset."""
+
+    def __init__(self, spec: ModelSpec, vocab: int = 256):
+        super().__init__()
+        d = spec.n_embd
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(spec.block_size, d)
+        self.blocks = nn.ModuleList(PlainBlock(d, spec.n_head, spec.qk_norm) for _ in range(spec.n_layer))
+        self.norm, self.out = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * spec.n_layer) if name.endswith(("proj.weight", "fc2.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for b in self.blocks:
+            x = b(x)
+        return self.out(self.norm(x))
+
+
+def _hf(spec: ModelSpec) -> nn.Module:
+    import transformers
+
+    common = dict(
+        vocab_size=256, hidden_size=spec.n_embd, intermediate_size=int(8 * spec.n_embd / 3 / 8 + 1) * 8,
+        num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head, num_key_value_heads=spec.n_head,
+        max_position_embeddings=spec.block_size, tie_word_embeddings=False, attn_implementation="sdpa",
+    )  # fmt: skip
+    if spec.kind == "qwen3":
+        cfg = transformers.Qwen3Config(head_dim=spec.n_embd // spec.n_head, **common)
+        return transformers.Qwen3ForCausalLM(cfg)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+
+
+def build(spec: ModelSpec) -> nn.Module:
+    if spec.kind == "gpt":
+        cfg = GPTConfig(block_size=spec.block_size, n_layer=spec.n_layer, n_head=spec.n_head, n_embd=spec.n_embd,
+                        qk_norm=spec.qk_norm, softcap=spec.softcap)  # fmt: skip
+        return GPT(cfg)
+    if spec.kind == "plain":
+        return Plain(spec)
+    return _hf(spec)
+
+
+def head_params(model: nn.Module) -> list[str]:
+    """Names of the output head's parameters (for a head without weight decay)."""
+    names = [n for n, _ in model.named_parameters()]
+    return [n for n in names if n.split(".")[-2] in ("lm_head", "out")]
+
+
+def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(model, GPT):
+        return model(x, y)
+    logits = model(x) if isinstance(model, Plain) else model(input_ids=x).logits
+    return logits, F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())

@@ -1,0 +1,102 @@
+"""The divergence zoo: each scenario a mechanism, a model and its settings, beside its stable twin.
+
+A scenario is data (``Scenario``); ``twin`` is the same run with the cause removed (QK-norm on,
+z-loss on, a small ε, no fault), trained on the same batches from the same seed, so the
+difference between their losses is the damage the mechanism did.  ``precursor`` says whether the
+mechanism announces itself before the loss moves (a trend, a jump in the optimizer's own numbers)
+or is the loss event itself (a bad batch, a NaN): recall and lead time are measured over the first
+kind only.  The settings are chosen so that the runs really diverge on a 2-core CPU in a few
+hundred steps; ``benchmarks/divergence.py`` says, run by run, whether they did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from benchmarks.zoo.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    group: str  # mechanism, a row of the table
+    precursor: bool
+    model: ModelSpec = ModelSpec()
+    steps: int = 300  # updates the model holds at the end
+    lr: float = 3e-3
+    warmup: int = 20
+    schedule: str = "constant"  # constant | cosine (to zero at `steps`)
+    weight_decay: float = 0.1
+    head_weight_decay: float | None = None  # None: as the rest
+    eps: float = 1e-8
+    clip: float | None = 1.0
+    z_loss: float = 0.0
+    batch: int = 16
+    lr_jump: tuple[int, float] | None = None  # (model step, factor): the schedule multiplies the LR from there
+    loss_scale: tuple[float, float] | None = (
+        None  # (initial factor, steps over which it halves): the loss, so the gradient
+    )
+    bad: tuple[str, int, int] | None = None  # (random|constant, first batch, batches)
+    nan_step: int | None = None  # trained step whose loss is multiplied by NaN (once)
+    corrupt: tuple[int, str, float] | None = None  # (trained step, parameter, value of its element 0) (once)
+    twin_overrides: dict = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        return self.group == "clean"
+
+    def twin(self) -> Scenario:
+        """The stable twin: the cause removed, everything else equal."""
+        over = dict(self.twin_overrides)
+        model = replace(self.model, **over.pop("model", {}))
+        return replace(self, name=f"{self.name}~twin", group="clean", precursor=False, model=model, lr_jump=None,
+                       bad=None, nan_step=None, corrupt=None, twin_overrides={}, **over)  # fmt: skip
+
+
+QK = {"model": {"qk_norm": True}}
+
+SCENARIOS: tuple[Scenario, ...] = (
+    # attention-logit growth (Wortsman et al. §3.1.1): no QK-norm at a high LR reached over a long warm-up
+    Scenario("attn", "attn_logit", True, lr=0.3, warmup=200, clip=None, twin_overrides=QK),
+    Scenario("attn-clip", "attn_logit", True, lr=0.3, warmup=200, clip=1.0, twin_overrides=QK),
+    Scenario(
+        "attn-llama",
+        "attn_logit",
+        True,
+        model=ModelSpec(kind="llama"),
+        lr=0.3,
+        warmup=200,
+        clip=None,
+        twin_overrides={"model": {"kind": "qwen3"}},
+    ),  # fmt: skip
+    # output-logit divergence (Wortsman §3.1.2): no weight decay on the head, no z-loss
+    Scenario(
+        "logits",
+        "log_z",
+        True,
+        model=ModelSpec(qk_norm=True),
+        lr=0.5,
+        warmup=100,
+        weight_decay=0.0,
+        head_weight_decay=0.0,
+        clip=None,
+        twin_overrides={"weight_decay": 0.1, "head_weight_decay": 0.1, "z_loss": 1e-4},
+    ),  # fmt: skip
+    # ε-stall (Wortsman §3.4): small gradients that keep shrinking, until Adam's √v̂ meets ε
+    Scenario("eps-stall", "adam_eps", True, loss_scale=(1e-4, 40.0), twin_overrides={"eps": 1e-30}),
+    # an LR fault: the schedule's LR jumps ×10 mid-run
+    Scenario("lr-jump", "lr_fault", True, lr_jump=(150, 10.0)),
+    # a silent corruption: one weight overwritten with a huge value, as a bit flip would
+    Scenario("bitflip", "corruption", False, corrupt=(150, "h.1.mlp.c_fc.weight", 3e3)),
+    # bad data: random bytes, and one repeated byte (whose loss drops, yet damages the model)
+    Scenario("bad-random", "bad_data", False, bad=("random", 150, 20)),
+    Scenario("bad-constant", "bad_data", False, bad=("constant", 150, 40)),
+    Scenario("nan", "nan", False, nan_step=150),
+    # clean runs: constant LR, warm-up + cosine decay to the end (the gradient norm rises as the LR falls),
+    # a model in another naming style, a Hugging Face LLaMA
+    Scenario("clean", "clean", False, steps=400),
+    Scenario("clean-cosine", "clean", False, lr=1e-2, schedule="cosine", warmup=40, steps=400),
+    Scenario("clean-plain", "clean", False, model=ModelSpec(kind="plain")),
+    Scenario("clean-llama", "clean", False, model=ModelSpec(kind="llama")),
+)
+QUICK = ("attn", "lr-jump", "bad-random", "clean-cosine")
