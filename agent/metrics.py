@@ -23,6 +23,7 @@ from agent import __version__
 from agent.commands import ACK_STATUSES, ACTIONS
 from agent.config import AgentConfig
 from agent.history import SeriesSnapshot
+from agent.predict import DETECTORS, SEVERITIES
 from agent.protocol import REJECT_REASONS
 from agent.state import AgentState
 
@@ -441,7 +442,9 @@ class AgentCollector(Collector):
             "Detections by the agent's predictors, by detector and severity (detections).",
             labels=["run", "detector", "severity"],
         )
-        for (run, detector, severity), n in sorted(snap.detections.items()):
+        counts = {(r.run, d, sev): 0 for r in snap.runs for d in DETECTORS for sev in SEVERITIES}
+        counts.update(snap.detections)  # every detector from 0, so increase() sees a run's first detection
+        for (run, detector, severity), n in sorted(counts.items()):
             det.add_metric([run, detector, severity], n)
         yield det
         yield _counter_by(

@@ -79,7 +79,8 @@ def _train(agent: AgentProcess) -> None:
     cfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
-    data = BadRegion(Windows(stdlib_corpus(), cfg.block_size, 100_000, seed=0), 40 * 8, 45 * 8)
+    windows = Windows(stdlib_corpus(), cfg.block_size, 100_000, seed=0)
+    data = BadRegion(BadRegion(windows, 40 * 8, 45 * 8), 90 * 8, 95 * 8)  # detections early and late in the run
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     config = {
         "run": RUN,
@@ -102,7 +103,7 @@ def _train(agent: AgentProcess) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             sn.observe(loss=loss)
-            if sn.step >= 80 and time.monotonic() - start >= MIN_SECONDS:
+            if sn.step >= 120 and time.monotonic() - start >= MIN_SECONDS:
                 break
             time.sleep(0.02)
 
