@@ -138,6 +138,12 @@ def parse_rules(rules: list[dict], prefix: str = "policy.rules") -> list[Rule]:
     return out
 
 
+def decision_key(epoch: int, d: Detection) -> tuple:
+    """What makes a decision the same one: a critical detection after a warning of the same detector at
+    the same step (a probe message's NaN, then the loss's) is a new decision."""
+    return (epoch, d.step, d.detector, d.layer or "", d.severity)
+
+
 def _digest(*parts: object) -> str:
     return hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=8).hexdigest()
 
@@ -168,7 +174,7 @@ class Decision:
     @property
     def key(self) -> tuple:
         d = self.detection
-        return (self.epoch, d.step, d.detector, d.layer or "")
+        return decision_key(self.epoch, d)
 
     def record(self) -> dict:
         """The events.jsonl record (type 'decision' or 'suppressed')."""
@@ -233,7 +239,7 @@ class Policy:
 
     def is_duplicate(self, det: Detection) -> bool:
         st = self.state(det.run)
-        return (st.epoch, det.step, det.detector, det.layer or "") in st.decided
+        return decision_key(st.epoch, det) in st.decided
 
     def decide(self, det: Detection, *, now: float = 0.0) -> Decision | None:
         """The decision for ``det``; None when no rule matches or it was already decided."""
@@ -246,7 +252,7 @@ class Policy:
         index, rule = match
         st = self.state(det.run)
         clock = self.clock(det.run, det.step)
-        did = "d-" + _digest(det.run, st.epoch, det.step, det.detector, det.layer or "")
+        did = "d-" + _digest(det.run, *decision_key(st.epoch, det))
 
         def suppressed(why: str, text: str) -> Decision:
             return Decision(did, det, st.epoch, clock, rule.action, rule=index, reason=text, suppressed=why)
@@ -293,7 +299,7 @@ class Policy:
         text = f"{det.detector} ({det.severity}): {det.message} -> {describe_actions(actions)}{why}"[:1000]
         commands = tuple(
             Command(
-                id="c-" + _digest(det.run, st.epoch, det.step, det.detector, det.layer or "", i),
+                id="c-" + _digest(det.run, *decision_key(st.epoch, det), i),
                 run=det.run,
                 action=a,
                 args=kw,
@@ -309,8 +315,10 @@ class Policy:
 
         ``rollback_lr``: back to before the trend's first point (its ``span_steps`` plus
         ``margin_steps``; at most to step 0), then ``lr_scale``: by ``lr_factor``, or for a jump in the
-        update ratios by its inverse (Adam's update is proportional to the LR, so this undoes an LR
-        fault).  ``rollback``: to before this step.  ``eps``: ``eps_scale(eps_factor)``.
+        update ratios by its inverse (Adam's update is proportional to the LR).  A jump the learning
+        rate explains (an LR fault) gets ``lr_scale(lr_before / lr)`` alone: rolling back would replay
+        the steps before the jump at the lowered LR, and the schedule's jump would then come again.
+        ``rollback``: to before this step.  ``eps``: ``eps_scale(eps_factor)``.
         """
         p = self.cfg.prevention
         if (
@@ -323,18 +331,28 @@ class Policy:
         remedy = REMEDIES[det.detector]
         if remedy == "eps":
             return -1, Rule(det.detector, "critical", "eps_scale", {"factor": p.eps_factor})
+        if self._lr_jump(det) is not None:  # the schedule jumped: undo it from here on; a rollback would replay
+            return -1, Rule(det.detector, "critical", "lr_scale", {"factor": self._lr_jump(det)})
         span = det.evidence.get("span_steps") if remedy == "rollback_lr" else None
         back = 1 if not isinstance(span, (int, float)) or not math.isfinite(span) else int(span) + p.margin_steps
         back = max(1, min(back, p.max_steps_back, det.step))
         return -1, Rule(det.detector, "critical", "rollback", {"steps_back": back, "skip": 0})
 
+    @staticmethod
+    def _lr_jump(det: Detection) -> float | None:
+        """lr_before / lr when an update-ratio jump is the learning rate's own (it rose at least half as much)."""
+        ev = det.evidence
+        lr, before, jump = ev.get("lr"), ev.get("lr_before"), ev.get("jump")
+        if det.detector != "update_ratio" or not all(isinstance(x, float) for x in (lr, before, jump)):
+            return None
+        if not (lr > before > 0 and lr / before >= math.sqrt(jump)):
+            return None
+        return max(1e-6, min(1.0, before / lr))
+
     def _prevention_lr(self, det: Detection) -> float:
         jump = det.evidence.get("jump")
-        lr, before = det.evidence.get("lr"), det.evidence.get("lr_before")
-        if isinstance(lr, float) and isinstance(before, float) and lr > before > 0:
-            return max(1e-6, min(1.0, before / lr))
-        if isinstance(jump, float) and jump > 1:
-            return max(1e-6, min(1.0, 1.0 / jump))
+        if det.detector == "update_ratio" and isinstance(jump, float) and jump > 1:
+            return max(1e-6, min(1.0, 1.0 / jump))  # Adam's update is proportional to the LR
         return self.cfg.prevention.lr_factor
 
     def commit(self, decision: Decision) -> None:
@@ -385,7 +403,8 @@ class Policy:
             try:
                 if kind == "decision":
                     st = self.state(run)
-                    key = (int(rec["epoch"]), int(rec["step"]), rec["detector"], rec.get("layer") or "")
+                    key = (int(rec["epoch"]), int(rec["step"]), rec["detector"], rec.get("layer") or "",
+                           rec.get("severity", "warning"))  # fmt: skip
                     self._apply(run, key, rec["action"], int(rec["clock"]), int(rec.get("level", 0)))
                     st.last_step = max(st.last_step or 0, int(rec["step"]))
                     n += 1

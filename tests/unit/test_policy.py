@@ -252,9 +252,10 @@ def test_prevention_rolls_back_to_before_the_trend_and_lowers_the_lr():
 def test_prevention_undoes_an_lr_jump_and_a_bad_write_and_lowers_eps():
     p = policy(prevention={"enabled": True})
     jump = decide_commit(p, trend(150, "update_ratio", jump=9.7, lr=3e-2, lr_before=3e-3))
-    assert actions(jump) == [("rollback", {"steps_back": 1, "skip": 0}), ("lr_scale", {"factor": pytest.approx(0.1)})]
+    assert actions(jump) == [("lr_scale", {"factor": pytest.approx(0.1)})]  # the schedule's jump: no replay
     q = policy(prevention={"enabled": True})
-    assert actions(q.decide(trend(150, "update_ratio", jump=4.0)))[1] == ("lr_scale", {"factor": 0.25})
+    other = actions(q.decide(trend(150, "update_ratio", jump=4.0)))  # a jump the LR does not explain
+    assert other == [("rollback", {"steps_back": 1, "skip": 0}), ("lr_scale", {"factor": 0.25})]
     assert actions(q.decide(trend(150, "param_integrity"))) == [("rollback", {"steps_back": 1, "skip": 0})]
     assert actions(q.decide(trend(150, "adam_eps"))) == [("eps_scale", {"factor": 1e-3})]
     off = policy(prevention={"enabled": True, "detectors": ["attn_logit"]})
@@ -269,6 +270,13 @@ def test_a_second_prevention_escalates_and_the_cap_still_stops_the_run():
     assert second.level == 1 and actions(second)[1] == ("lr_scale", {"factor": 0.5})
     p.rewind("r", 121, 60)
     assert decide_commit(p, trend(140, span_steps=50.0)).action == "stop"
+
+
+def test_a_critical_after_a_warning_of_the_same_detector_at_the_same_step_is_decided():
+    p = policy()  # a probe message's NaN is a warning, the loss's NaN at the same step a critical
+    assert decide_commit(p, det(150, "nonfinite", "warning")).action == "warn"
+    assert decide_commit(p, det(150, "nonfinite", "critical")).action == "rollback"
+    assert p.decide(det(150, "nonfinite", "critical")) is None  # but never twice
 
 
 def test_prevention_config_errors_name_the_key():
