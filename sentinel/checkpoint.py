@@ -342,8 +342,11 @@ class CheckpointManager:
             )
         return sorted(out, key=lambda c: c.step)
 
-    def latest_good(self, max_step: int | None = None, *, any_lineage: bool = False) -> Path | None:
-        """The newest good checkpoint at step <= ``max_step`` that passes verification (collective).
+    def latest_good(
+        self, max_step: int | None = None, *, any_lineage: bool = False, oldest: bool = False
+    ) -> Path | None:
+        """The newest (``oldest``: the oldest) good checkpoint at step <= ``max_step`` that passes
+        verification (collective).
 
         Checkpoints that fail verification are skipped with their reason logged.  Only this
         trajectory's checkpoints count, unless ``any_lineage`` (used by :meth:`resume`).
@@ -351,9 +354,10 @@ class CheckpointManager:
         self.wait()
         steps: list[int] = []
         if self.rank == 0:
+            entries = self.entries()
             steps = [
                 c.step
-                for c in reversed(self.entries())
+                for c in (entries if oldest else reversed(entries))
                 if c.good
                 and (max_step is None or c.step <= max_step)
                 and (any_lineage or c.lineage in (self.lineage, None))

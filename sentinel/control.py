@@ -18,7 +18,9 @@ Actions: ``warn`` (log), ``skip_update(steps)`` (``Sentinel.skip_updates``), ``s
 at step <= current - steps_back, then skip ``skip`` batches), ``lr_scale(factor)`` (every param
 group and the LR scheduler; see :func:`scale_lr`), ``eps_scale(factor)`` (every param group's Adam ε;
 :func:`scale_eps`), ``stop`` (``sn.should_stop``; ``sn.batches()``
-ends).  This object also runs the step boundary: commands first, then checkpoint bookkeeping.
+ends).  A rollback asking further back than this run's checkpoints go (early in a run) restores the
+oldest good one and says so in its ack.  This object also runs the step boundary: commands first,
+then checkpoint bookkeeping.
 """
 
 from __future__ import annotations
@@ -312,13 +314,17 @@ class Control:
         start = self.sn.step
         limit = start - steps_back
         path = ckpt.latest_good(limit) if limit >= 0 else None
-        if path is None:
-            return "failed", f"no good checkpoint at step <= {limit}"
+        short = ""
+        if path is None:  # early in a run: as far back as this run's checkpoints go
+            path = ckpt.latest_good(start - 1, oldest=True) if start >= 1 else None
+            if path is None:
+                return "failed", f"no good checkpoint at step <= {limit}, nor any earlier than step {start}"
+            short = f"no good checkpoint at step <= {limit}: the oldest good one instead; "
         restored = ckpt.restore(path)
         if skip:
             self.sn.position.skip(skip, reason=f"rollback command {cmd.id}: {cmd.reason or 'no reason given'}")
         return "applied", (
-            f"rolled back from step {start} to {path.name}; skipped {skip} batch(es); data position "
+            f"{short}rolled back from step {start} to {path.name}; skipped {skip} batch(es); data position "
             f"epoch {self.sn.position.epoch} index {self.sn.position.index}; now at step {restored}"
         )
 

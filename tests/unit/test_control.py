@@ -179,6 +179,27 @@ def test_every_action_is_applied_and_logged_with_its_evidence(router: Router, ca
     sn.close()
 
 
+def _adam_trainer(router: Router, tmp_path: Path, **checkpoint):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "eps": 1e-6}], lr=1e-3)
+    cfg = {"run": "ctl", "publish": {"enabled": False}, "control": {"endpoint": router.endpoint},
+           "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": 2, "good_after": 1, **checkpoint}}  # fmt: skip
+    return sentinel.attach(model, optimizer, **cfg), model, optimizer
+
+
+def test_a_rollback_further_back_than_the_first_checkpoint_restores_the_oldest_good_one(
+    router: Router, tmp_path: Path
+) -> None:
+    sn, model, optimizer = _adam_trainer(router, tmp_path, keep=100)
+    for _ in range(4):
+        _step(sn, model, optimizer)
+    acks = _apply_via_agent(router, sn, model, optimizer, _cmd("rb", "rollback", steps_back=10_000, skip=0))
+    assert acks[0].status == "applied", acks[0].detail
+    assert "the oldest good one instead" in acks[0].detail and "to step-2;" in acks[0].detail
+    sn.close()
+
+
 def test_a_failing_action_is_acked_failed_and_never_raises(router: Router, monkeypatch) -> None:
     sn, model, optimizer, _ = _trainer(router.endpoint)
 
@@ -220,12 +241,7 @@ def test_lr_scale_scales_the_groups_and_the_scheduler_keeps_its_shape(router: Ro
 
 
 def test_eps_scale_lowers_every_groups_eps_and_survives_a_rollback(router: Router, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 8)
-    optimizer = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias], "eps": 1e-6}], lr=1e-3)
-    cfg = {"run": "ctl", "publish": {"enabled": False}, "control": {"endpoint": router.endpoint},
-           "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": 2, "good_after": 1}}  # fmt: skip
-    sn = sentinel.attach(model, optimizer, **cfg)
+    sn, model, optimizer = _adam_trainer(router, tmp_path)
     for _ in range(4):
         _step(sn, model, optimizer)
     acks = _apply_via_agent(router, sn, model, optimizer, _cmd("e", "eps_scale", factor=1e-3))
