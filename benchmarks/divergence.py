@@ -165,6 +165,10 @@ def report(rows: list[Row], clean_arms: list[Arm], out: dict, wall: float) -> No
         prevented = sum(bool(r.prevented) for r in d)
         print(f"{group:<14} {len(g):>4} {len(d):>8} {len(caught):>14} {_fmt(med, 'd'):>11} {prevented:>5}/{len(d)}")
     warnings, steps, actions = clean_tally(clean_arms)
+    for a in clean_arms:
+        if a.detections:
+            what = " ".join(f"{d['detector']}/{d['severity'][0]}@{d['trained']}" for d in a.detections[:6])
+            print(f"clean run {a.name}: {what}")
     risks = [a.risk for a in clean_arms if a.risk is not None]
     print(f"clean runs: {len(clean_arms)} ({steps} steps), {warnings} warning(s), {actions} corrective action(s), "
           f"final risk at most {max(risks, default=0.0):.2f}; wall {wall:.0f} s")  # fmt: skip

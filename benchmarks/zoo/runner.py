@@ -51,6 +51,7 @@ class Arm:
     """One run of the zoo and what its agent made of it."""
 
     result: RunResult
+    name: str = ""
     detections: list[dict] = field(default_factory=list)  # decision/suppressed records, with "trained"
     applied: list[tuple[str, int, str]] = field(default_factory=list)  # (action, trained step, ack status)
     risk: float | None = None  # the agent's risk score when the run ended
@@ -102,6 +103,7 @@ def run_arm(agent: Endpoint, arm: str, s: Scenario, seed: int, init_seed: int | 
             "control": {"endpoint": agent.commands} if agent.commands else {"enabled": False},
             "probes": {"enabled": True, "every": probes_every},
             "checkpoint": {"dir": ckpt, "every": 20, "good_after": 5, "keep": 15},
+            **s.sentinel,
         }
         result = train(s, seed, config, init_seed=init_seed)
     time.sleep(0.3)  # the agent takes in the last messages
@@ -130,7 +132,7 @@ def _read_events(path: str, run: str, result: RunResult) -> Arm:
         if e.get("run") == run:
             events.append(e)
     index = trained_index(result.published)
-    arm = Arm(result)
+    arm = Arm(result, run)
     acks = {e["id"]: e for e in events if e.get("type") == "ack"}
     for e in events:
         if e.get("type") not in ("decision", "suppressed"):

@@ -39,6 +39,7 @@ class Scenario:
     bad: tuple[str, int, int] | None = None  # (random|constant, first batch, batches)
     nan_step: int | None = None  # trained step whose loss is multiplied by NaN (once)
     corrupt: tuple[int, str, float] | None = None  # (trained step, parameter, value of its element 0) (once)
+    sentinel: dict = field(default_factory=dict)  # more of the trainer's sentinel config (e.g. ε auto-tuning)
     twin_overrides: dict = field(default_factory=dict)
 
     @property
@@ -82,8 +83,10 @@ SCENARIOS: tuple[Scenario, ...] = (
         clip=None,
         twin_overrides={"weight_decay": 0.1, "head_weight_decay": 0.1, "z_loss": 1e-4},
     ),  # fmt: skip
-    # ε-stall (Wortsman §3.4): small gradients that keep shrinking, until Adam's √v̂ meets ε
-    Scenario("eps-stall", "adam_eps", True, loss_scale=(1e-4, 40.0), twin_overrides={"eps": 1e-30}),
+    # ε-stall (Wortsman §3.4): small gradients that keep shrinking, until Adam's √v̂ meets ε; the twin keeps
+    # each tensor's ε below its √v̂ with sentinel's ε auto-tuning (a tiny fixed ε amplifies float noise instead)
+    Scenario("eps-stall", "adam_eps", True, loss_scale=(3e-5, 40.0),
+             twin_overrides={"sentinel": {"optim": {"eps": {"enabled": True}}}}),  # fmt: skip
     # an LR fault: the schedule's LR jumps ×10 mid-run
     Scenario("lr-jump", "lr_fault", True, lr_jump=(150, 10.0)),
     # a silent corruption: one weight overwritten with a huge value, as a bit flip would
