@@ -86,11 +86,21 @@ class PreventionConfig:
         False,
         doc="Act on a critical forecast of a precursor detector before the loss moves (docs/policy.md, 'Prevention').",
     )
+    severity: str = option(
+        "critical",
+        choices=SEVERITIES,
+        doc="Lowest severity prevention acts on: 'critical' (an ETA within trend.critical_eta_steps, or past "
+        "the limit) or also 'warning' (an ETA within trend.warn_eta_steps).",
+    )
     detectors: list[str] = option(
         list(REMEDIES),
         doc=f"Detectors prevention answers; each has its remedy ({', '.join(f'{k}: {v}' for k, v in REMEDIES.items())}).",
     )
-    lr_factor: float = option(0.5, range=(1e-6, 1.0), doc="lr_scale factor of the rollback_lr remedy.")
+    lr_factor: float = option(
+        0.25,
+        range=(1e-6, 1.0),
+        doc="lr_scale factor of the rollback_lr remedy (zoo: 0.5 kept 2 of 9 attention-logit divergences within their twin's noise, 0.25 kept 7).",
+    )
     eps_factor: float = option(
         1e-3, range=(1e-12, 1.0), doc="eps_scale factor of the eps remedy (ε is only ever lowered)."
     )
@@ -330,13 +340,13 @@ class Policy:
             return None
         remedy = REMEDIES[det.detector]
         if remedy == "eps":
-            return -1, Rule(det.detector, "critical", "eps_scale", {"factor": p.eps_factor})
+            return -1, Rule(det.detector, p.severity, "eps_scale", {"factor": p.eps_factor})
         if self._lr_jump(det) is not None:  # the schedule jumped: undo it from here on; a rollback would replay
-            return -1, Rule(det.detector, "critical", "lr_scale", {"factor": self._lr_jump(det)})
+            return -1, Rule(det.detector, p.severity, "lr_scale", {"factor": self._lr_jump(det)})
         span = det.evidence.get("span_steps") if remedy == "rollback_lr" else None
         back = 1 if not isinstance(span, (int, float)) or not math.isfinite(span) else int(span) + p.margin_steps
         back = max(1, min(back, p.max_steps_back, det.step))
-        return -1, Rule(det.detector, "critical", "rollback", {"steps_back": back, "skip": 0})
+        return -1, Rule(det.detector, p.severity, "rollback", {"steps_back": back, "skip": 0})
 
     @staticmethod
     def _lr_jump(det: Detection) -> float | None:

@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each)")
     parser.add_argument("--probes-every", type=int, default=10, help="the trainer's probes.every")
     parser.add_argument("--json", default=None, help="write rows, summary and runs to this file")
+    parser.add_argument(
+        "--prevention", default="{}", help='policy.prevention keys for the prevent arm, as JSON: \'{"lr_factor": 0.25}\''
+    )
     args = parser.parse_args()
     seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if x]
     chosen = [s for s in SCENARIOS if (s.name in QUICK if args.quick else True)]
@@ -104,7 +107,11 @@ def main() -> None:
     print(f"divergence zoo: {len(chosen)} scenarios x {len(seeds)} seed(s), {len(runs)} runs, {args.jobs} at a time",
           file=sys.stderr, flush=True)  # fmt: skip
     results: dict[str, Arm] = {}
-    with tempfile.TemporaryDirectory(prefix="sentinel-zoo-") as tmp, Agents(Path(tmp)) as agents:
+    try:
+        prevention = json.loads(args.prevention)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--prevention is not JSON: {exc}")
+    with tempfile.TemporaryDirectory(prefix="sentinel-zoo-") as tmp, Agents(Path(tmp), prevention) as agents:
         eps = agents.endpoints
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
             futures = {key: pool.submit(_task, eps[arm], arm, s, seed, init, args.probes_every)

@@ -10,8 +10,10 @@ construction, a frozen weight) has √v̂ = 0 and no update to shrink.  With rol
 weight matrices and embeddings count (a gain's update is not what stalls training).
 
 The line is fitted to -log √v̂, so the ETA is to √v̂ = ε (the update then is half what it would be
-without ε).  √v̂ below ``margin`` × ε is a warning whatever the trend (the update is already
-shrunk by 1/(1 + 1/margin)); lines are watched once √v̂ is within ``watch`` × ε.
+without ε).  √v̂ below ``margin`` × ε on its last ``trend.min_points`` points is a warning whatever
+the trend (the update is already shrunk by 1/(1 + 1/margin); one point is not a level: at step 0,
+before ε auto-tuning has set anything, every tensor is briefly there); lines are watched once √v̂
+is within ``watch`` × ε.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ class AdamEps(TrendPredictor):
                 if not trained[r] or not ok[-1, r] or e <= 0 or v > c.watch * e:
                     continue
                 eta, severity, risk = self.judge(line, -math.log(v), -math.log(e))
-                if severity is None and v <= c.margin * e:
+                below = ok[:, r] & (w.values[:, r] <= c.margin * e)
+                if severity is None and below[-self.trend.min_points :].sum() >= self.trend.min_points:
                     eta, severity, risk = (eta if eta is not None else math.inf), "warning", max(risk, 0.5)
                 if eta is None:
                     continue

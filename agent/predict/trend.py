@@ -7,7 +7,8 @@ steps to the limit.  A fitted line is worth a warning only when all of these hol
 retracted as soon as one fails:
 
 * **enough points** (``trend.min_points``) and a slope that is not noise: t-statistic of the
-  slope (slope / standard error) of at least ``trend.min_t``;
+  slope (slope / standard error) of at least ``trend.min_t`` (4: with the zone and sustain tests
+  below it needs no more, and 6 missed two of the zoo's nine attention divergences at their start);
 * **still rising**: the slope over the most recent half of the window is at least
   ``trend.sustain`` times the slope over the whole window.  Growth that slows down (the rise
   from initialisation every healthy run shows, a trend that has ended) is not extrapolated;
@@ -56,7 +57,7 @@ class TrendConfig:
     )
     min_points: int = option(5, range=(3, 100_000), doc="Fewest finite points a line needs.")
     min_t: float = option(
-        6.0,
+        4.0,
         range=(0.0, 1e6),
         doc="Smallest t-statistic of the slope (slope / its standard error): noise is not a trend.",
     )

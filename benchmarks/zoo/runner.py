@@ -37,11 +37,11 @@ def policy_rules() -> list[dict]:
     return rules
 
 
-def agent_configs() -> dict[str, dict]:
+def agent_configs(prevention: dict | None = None) -> dict[str, dict]:
     base = {"log_level": "warning", "policy": {"rules": policy_rules()}}
     return {
         "watch": base,
-        "prevent": {**base, "policy": {**base["policy"], "prevention": {"enabled": True}}},
+        "prevent": {**base, "policy": {**base["policy"], "prevention": {"enabled": True, **(prevention or {})}}},
         "advise": {**base, "commands": {"enabled": False}},
     }
 
@@ -70,12 +70,12 @@ class Endpoint:
 class Agents:
     """The zoo's three agent processes, started once."""
 
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
+    def __init__(self, workdir: Path, prevention: dict | None = None):
+        self.workdir, self.prevention = workdir, prevention
         self.procs: dict[str, AgentProcess] = {}
 
     def __enter__(self) -> Agents:
-        for name, cfg in agent_configs().items():
+        for name, cfg in agent_configs(self.prevention).items():
             p = AgentProcess(self.workdir / f"agent-{name}", config=cfg)
             p.start()
             self.procs[name] = p
