@@ -13,10 +13,16 @@ from mean step times: the probes work on one step in K, which a median would hid
 times forward+backward alone, interleaved with and without the probes armed (the minimum of
 each, the figure least disturbed by other load), and counts the hooks left on unsampled steps:
 ``probe_step_ratio=<sampled/plain>``, ``probe_amortized_ratio=<1 + (sampled/plain - 1) / K>``.
+With ``--grad-hooks`` it also times the pre-clip gradient hooks (sentinel/gradnorms.py) over the
+tiny GPT's parameters: a backward that only accumulates each gradient (so the hooks' own cost
+shows) with the hooks armed, registered but idle (returning at once), and absent, plus one
+register-and-remove of all of them; it prints ``grad_hooks_idle_us`` (what an idle hook costs
+per backward), ``grad_hooks_register_remove_us`` (what arming and disarming by registration
+cost) and ``grad_hooks_armed_us`` (the measurement itself, per backward).
 Prints the median step time of each and its ratio to bare; the last line is
 ``overhead_ratio=<sentinel/bare>``.
 
-    python benchmarks/overhead.py [--rounds 6] [--steps 25] [--threads 2] [--probes 10]
+    python benchmarks/overhead.py [--rounds 6] [--steps 25] [--threads 2] [--probes 10] [--grad-hooks]
 """
 
 from __future__ import annotations
@@ -122,6 +128,55 @@ def probe_step_cost(every: int, reps: int = 20) -> tuple[float, int]:
     return min(sampled) / min(plain), hooks
 
 
+def grad_hook_cost(reps: int = 30, per: int = 20) -> dict[str, float]:
+    """Microseconds per backward of the gradient hooks, armed and idle, and of one register+remove cycle.
+
+    The backward only accumulates a gradient into every parameter of the tiny GPT (``Σ p.sum()``):
+    its own cost is small and equal in every mode, so the difference is the hooks'.  Each sample
+    is ``per`` backward passes in one mode, the modes in rotating order; the minimum per mode counts.
+    """
+    from sentinel.gradnorms import GradNorms
+
+    model = make_run(TrainConfig(steps=1, batch_size=1), GPTConfig())[0]
+    params = list(model.parameters())
+    removing, idle = GradNorms(params), GradNorms(params, persistent=True)
+    setup = {
+        "absent": lambda: (removing.disarm(), idle.close()),
+        "idle": lambda: (removing.disarm(), idle.arm(), idle.disarm()),  # registered, returning at once
+        "armed": lambda: (idle.close(), removing.arm()),
+    }
+
+    def sample(mode: str) -> float:
+        setup[mode]()
+        start = time.perf_counter()
+        for _ in range(per):
+            sum(p.sum() for p in params).backward()
+            for p in params:
+                p.grad = None
+        return (time.perf_counter() - start) / per
+
+    modes = list(setup)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(reps):
+        for m in modes[r % 3 :] + modes[: r % 3]:
+            times[m].append(sample(m))
+    removing.close()
+    idle.close()
+    cycles = []
+    for _ in range(reps * per):
+        start = time.perf_counter()
+        removing.arm()
+        removing.disarm()
+        cycles.append(time.perf_counter() - start)
+    best = {k: min(v) * 1e6 for k, v in times.items()}
+    return {
+        "params": float(len(params)),
+        "idle_us": best["idle"] - best["absent"],
+        "armed_us": best["armed"] - best["absent"],
+        "register_remove_us": min(cycles) * 1e6,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
@@ -130,6 +185,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument(
         "--probes", type=int, default=0, metavar="K", help="also time sentinel with every probe on every K steps"
+    )
+    parser.add_argument(
+        "--grad-hooks", action="store_true", help="also time the gradient hooks: armed, idle, registered and removed"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,6 +238,12 @@ def main() -> None:
         print(f"hooks_on_unsampled_steps={hooks}")
         print(f"probe_step_ratio={step_ratio:.3f}")
         print(f"probe_amortized_ratio={1 + (step_ratio - 1) / args.probes:.4f}")
+    if args.grad_hooks:
+        cost = grad_hook_cost()
+        print(f"grad_hooks_params={cost['params']:.0f}")
+        print(f"grad_hooks_idle_us={cost['idle_us']:.1f}")
+        print(f"grad_hooks_register_remove_us={cost['register_remove_us']:.1f}")
+        print(f"grad_hooks_armed_us={cost['armed_us']:.1f}")
     print(f"overhead_ratio={ratios['sentinel']:.3f}")
 
 
