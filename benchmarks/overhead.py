@@ -13,12 +13,12 @@ from mean step times: the probes work on one step in K, which a median would hid
 times forward+backward alone, interleaved with and without the probes armed (the minimum of
 each, the figure least disturbed by other load), and counts the hooks left on unsampled steps:
 ``probe_step_ratio=<sampled/plain>``, ``probe_amortized_ratio=<1 + (sampled/plain - 1) / K>``.
-With ``--grad-hooks`` it also times the pre-clip gradient hooks (sentinel/gradnorms.py) over the
-tiny GPT's parameters: a backward that only accumulates each gradient (so the hooks' own cost
-shows) with the hooks armed, registered but idle (returning at once), and absent, plus one
-register-and-remove of all of them; it prints ``grad_hooks_idle_us`` (what an idle hook costs
-per backward), ``grad_hooks_register_remove_us`` (what arming and disarming by registration
-cost) and ``grad_hooks_armed_us`` (the measurement itself, per backward).
+With ``--grad-hooks`` it also times the pre-clip gradient hooks (sentinel/gradnorms.py) on a
+backward that only accumulates each gradient (so the hooks' own cost shows): per tensor, what
+a registered but idle hook (returning at once) adds to each backward,
+``grad_hooks_idle_us_per_tensor``, and what one register-and-remove costs,
+``grad_hooks_register_remove_us_per_tensor`` (the two ways to leave an unneeded step alone);
+and what the armed hooks cost per backward of the tiny GPT, ``grad_hooks_armed_us``.
 Prints the median step time of each and its ratio to bare; the last line is
 ``overhead_ratio=<sentinel/bare>``.
 
@@ -128,52 +128,58 @@ def probe_step_cost(every: int, reps: int = 20) -> tuple[float, int]:
     return min(sampled) / min(plain), hooks
 
 
-def grad_hook_cost(reps: int = 30, per: int = 20) -> dict[str, float]:
-    """Microseconds per backward of the gradient hooks, armed and idle, and of one register+remove cycle.
+def grad_hook_cost(reps: int = 20, per: int = 10, stand_ins: int = 2000) -> dict[str, float]:
+    """Per tensor: microseconds an idle gradient hook adds to a backward, and one register+remove
+    cycle costs; and the armed hooks' cost per backward of the tiny GPT.
 
-    The backward only accumulates a gradient into every parameter of the tiny GPT (``Σ p.sum()``):
-    its own cost is small and equal in every mode, so the difference is the hooks'.  Each sample
-    is ``per`` backward passes in one mode, the modes in rotating order; the minimum per mode counts.
+    The backward only accumulates a gradient into each parameter (``Σ p.sum()``), so its own
+    cost is equal in every mode and the difference is the hooks'.  Idle against absent is timed
+    on ``stand_ins`` one-element tensors (an idle hook costs the same whatever the tensor, and
+    the count lifts it above timer noise), armed against absent on the tiny GPT's parameters.
+    Each sample is ``per`` backward passes in one mode, modes in rotating order; minima count.
     """
     from sentinel.gradnorms import GradNorms
 
-    model = make_run(TrainConfig(steps=1, batch_size=1), GPTConfig())[0]
-    params = list(model.parameters())
-    removing, idle = GradNorms(params), GradNorms(params, persistent=True)
+    params = list(make_run(TrainConfig(steps=1, batch_size=1), GPTConfig())[0].parameters())
+    small = [torch.nn.Parameter(torch.zeros(1)) for _ in range(stand_ins)]
+    on_small, idle = GradNorms(small), GradNorms(small, persistent=True)
+    on_model = GradNorms(params)
     setup = {
-        "absent": lambda: (removing.disarm(), idle.close()),
-        "idle": lambda: (removing.disarm(), idle.arm(), idle.disarm()),  # registered, returning at once
-        "armed": lambda: (idle.close(), removing.arm()),
+        "absent_small": (small, lambda: (on_small.disarm(), idle.close())),
+        "idle_small": (small, lambda: (on_small.disarm(), idle.arm(), idle.disarm())),  # registered, returning at once
+        "absent_model": (params, on_model.disarm),
+        "armed_model": (params, on_model.arm),
     }
 
     def sample(mode: str) -> float:
-        setup[mode]()
+        tensors, prepare = setup[mode]
+        prepare()
         start = time.perf_counter()
         for _ in range(per):
-            sum(p.sum() for p in params).backward()
-            for p in params:
+            sum(p.sum() for p in tensors).backward()
+            for p in tensors:
                 p.grad = None
         return (time.perf_counter() - start) / per
 
     modes = list(setup)
     times: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(reps):
-        for m in modes[r % 3 :] + modes[: r % 3]:
+        for m in modes[r % len(modes) :] + modes[: r % len(modes)]:
             times[m].append(sample(m))
-    removing.close()
-    idle.close()
+    for g in (on_small, idle, on_model):
+        g.close()
     cycles = []
-    for _ in range(reps * per):
+    for _ in range(reps):
         start = time.perf_counter()
-        removing.arm()
-        removing.disarm()
+        on_small.arm()
+        on_small.disarm()
         cycles.append(time.perf_counter() - start)
     best = {k: min(v) * 1e6 for k, v in times.items()}
     return {
         "params": float(len(params)),
-        "idle_us": best["idle"] - best["absent"],
-        "armed_us": best["armed"] - best["absent"],
-        "register_remove_us": min(cycles) * 1e6,
+        "idle_us_per_tensor": (best["idle_small"] - best["absent_small"]) / stand_ins,
+        "register_remove_us_per_tensor": min(cycles) * 1e6 / stand_ins,
+        "armed_us": best["armed_model"] - best["absent_model"],
     }
 
 
@@ -240,10 +246,9 @@ def main() -> None:
         print(f"probe_amortized_ratio={1 + (step_ratio - 1) / args.probes:.4f}")
     if args.grad_hooks:
         cost = grad_hook_cost()
-        print(f"grad_hooks_params={cost['params']:.0f}")
-        print(f"grad_hooks_idle_us={cost['idle_us']:.1f}")
-        print(f"grad_hooks_register_remove_us={cost['register_remove_us']:.1f}")
-        print(f"grad_hooks_armed_us={cost['armed_us']:.1f}")
+        print(f"grad_hooks_idle_us_per_tensor={cost['idle_us_per_tensor']:.2f}")
+        print(f"grad_hooks_register_remove_us_per_tensor={cost['register_remove_us_per_tensor']:.2f}")
+        print(f"grad_hooks_armed_us={cost['armed_us']:.0f}  # {cost['params']:.0f} tensors, per backward")
     print(f"overhead_ratio={ratios['sentinel']:.3f}")
 
 
