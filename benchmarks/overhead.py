@@ -13,10 +13,16 @@ from mean step times: the probes work on one step in K, which a median would hid
 times forward+backward alone, interleaved with and without the probes armed (the minimum of
 each, the figure least disturbed by other load), and counts the hooks left on unsampled steps:
 ``probe_step_ratio=<sampled/plain>``, ``probe_amortized_ratio=<1 + (sampled/plain - 1) / K>``.
+With ``--grad-hooks`` it also times the pre-clip gradient hooks (sentinel/gradnorms.py) on a
+backward that only accumulates each gradient (so the hooks' own cost shows): per tensor, what
+a registered but idle hook (returning at once) adds to each backward,
+``grad_hooks_idle_us_per_tensor``, and what one register-and-remove costs,
+``grad_hooks_register_remove_us_per_tensor`` (the two ways to leave an unneeded step alone);
+and what the armed hooks cost per backward of the tiny GPT, ``grad_hooks_armed_us``.
 Prints the median step time of each and its ratio to bare; the last line is
 ``overhead_ratio=<sentinel/bare>``.
 
-    python benchmarks/overhead.py [--rounds 6] [--steps 25] [--threads 2] [--probes 10]
+    python benchmarks/overhead.py [--rounds 6] [--steps 25] [--threads 2] [--probes 10] [--grad-hooks]
 """
 
 from __future__ import annotations
@@ -122,6 +128,61 @@ def probe_step_cost(every: int, reps: int = 20) -> tuple[float, int]:
     return min(sampled) / min(plain), hooks
 
 
+def grad_hook_cost(reps: int = 20, per: int = 10, stand_ins: int = 2000) -> dict[str, float]:
+    """Per tensor: microseconds an idle gradient hook adds to a backward, and one register+remove
+    cycle costs; and the armed hooks' cost per backward of the tiny GPT.
+
+    The backward only accumulates a gradient into each parameter (``Σ p.sum()``), so its own
+    cost is equal in every mode and the difference is the hooks'.  Idle against absent is timed
+    on ``stand_ins`` one-element tensors (an idle hook costs the same whatever the tensor, and
+    the count lifts it above timer noise), armed against absent on the tiny GPT's parameters.
+    Each sample is ``per`` backward passes in one mode, modes in rotating order; minima count.
+    """
+    from sentinel.gradnorms import GradNorms
+
+    params = list(make_run(TrainConfig(steps=1, batch_size=1), GPTConfig())[0].parameters())
+    small = [torch.nn.Parameter(torch.zeros(1)) for _ in range(stand_ins)]
+    on_small, idle = GradNorms(small), GradNorms(small, persistent=True)
+    on_model = GradNorms(params)
+    setup = {
+        "absent_small": (small, lambda: (on_small.disarm(), idle.close())),
+        "idle_small": (small, lambda: (on_small.disarm(), idle.arm(), idle.disarm())),  # registered, returning at once
+        "absent_model": (params, on_model.disarm),
+        "armed_model": (params, on_model.arm),
+    }
+
+    def sample(mode: str) -> float:
+        tensors, prepare = setup[mode]
+        prepare()
+        start = time.perf_counter()
+        for _ in range(per):
+            sum(p.sum() for p in tensors).backward()
+            for p in tensors:
+                p.grad = None
+        return (time.perf_counter() - start) / per
+
+    modes = list(setup)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(reps):
+        for m in modes[r % len(modes) :] + modes[: r % len(modes)]:
+            times[m].append(sample(m))
+    for g in (on_small, idle, on_model):
+        g.close()
+    cycles = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        on_small.arm()
+        on_small.disarm()
+        cycles.append(time.perf_counter() - start)
+    best = {k: min(v) * 1e6 for k, v in times.items()}
+    return {
+        "params": float(len(params)),
+        "idle_us_per_tensor": (best["idle_small"] - best["absent_small"]) / stand_ins,
+        "register_remove_us_per_tensor": min(cycles) * 1e6 / stand_ins,
+        "armed_us": best["armed_model"] - best["absent_model"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
@@ -130,6 +191,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument(
         "--probes", type=int, default=0, metavar="K", help="also time sentinel with every probe on every K steps"
+    )
+    parser.add_argument(
+        "--grad-hooks", action="store_true", help="also time the gradient hooks: armed, idle, registered and removed"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,6 +244,11 @@ def main() -> None:
         print(f"hooks_on_unsampled_steps={hooks}")
         print(f"probe_step_ratio={step_ratio:.3f}")
         print(f"probe_amortized_ratio={1 + (step_ratio - 1) / args.probes:.4f}")
+    if args.grad_hooks:
+        cost = grad_hook_cost()
+        print(f"grad_hooks_idle_us_per_tensor={cost['idle_us_per_tensor']:.2f}")
+        print(f"grad_hooks_register_remove_us_per_tensor={cost['register_remove_us_per_tensor']:.2f}")
+        print(f"grad_hooks_armed_us={cost['armed_us']:.0f}  # {cost['params']:.0f} tensors, per backward")
     print(f"overhead_ratio={ratios['sentinel']:.3f}")
 
 

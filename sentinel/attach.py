@@ -26,6 +26,7 @@ from sentinel.checkpoint import CheckpointManager
 from sentinel.config import Config, load_config
 from sentinel.control import Control
 from sentinel.data import BatchPosition
+from sentinel.gradnorms import GradNorms
 from sentinel.optim import Chain, Guard, StepContext, optimizer_params
 from sentinel.optim import build as build_transforms
 from sentinel.probes import Probes
@@ -48,7 +49,12 @@ class Sentinel:
     """The handle returned by :func:`attach`. Call :meth:`observe` once per training step."""
 
     def __init__(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config, lr_scheduler: Any = None
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: Config,
+        lr_scheduler: Any = None,
+        grad_scaler: Any = None,
     ):
         self.config = config
         self.model, self.optimizer = model, optimizer
@@ -63,7 +69,10 @@ class Sentinel:
         self.fp8_refresh: Fp8CacheRefresh | None = None
         self._pre_hook: Any = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._clip: torch.Tensor | None = None  # grad_clip_factor of the step being taken, then of _pending
+        self._pending_clip: torch.Tensor | None = None
         self._layouts: dict[tuple, Layout] = {}
+        self.grads: GradNorms | None = None
         self._eps: GroupEps | None = None
         self._roles: tuple[str, ...] = ()
         self._last_time = time.perf_counter()  # step 0's duration is measured from attach
@@ -130,6 +139,10 @@ class Sentinel:
         if is_adam(optimizer):
             self._eps = GroupEps(optimizer, self._group_of, self._params)
         self.chain = Chain(transforms)
+        if config.stats.enabled or config.optim.guard.enabled:
+            self.grads = GradNorms.create(self._params, grad_scaler)
+            if self.grads is not None:
+                self.grads.arm()  # the first step, whatever its number (the integrations set sn.step after attach)
         on = [name for name in transforms if name not in ("guard", "stats")] + (
             ["guard"] if config.optim.guard.enabled else []
         )
@@ -148,8 +161,12 @@ class Sentinel:
         if config.probes.enabled and self.publisher is not None:  # ranks that publish nothing probe nothing
             self.probes = Probes.start(model, config.probes, role_map)
 
-    def _stats_due(self) -> bool:
-        return self.stats is not None and self.step % self.config.stats.every == 0
+    def _stats_due(self, step: int | None = None) -> bool:
+        step = self.step if step is None else step
+        return self.stats is not None and "stats" in self.chain.transforms and step % self.config.stats.every == 0
+
+    def _guard_detects(self) -> bool:
+        return self.guard is not None and self.guard.detect and "guard" in self.chain.transforms
 
     @property
     def skipped_updates(self) -> int:
@@ -190,8 +207,20 @@ class Sentinel:
             self._before_step(self.optimizer, (), {})
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._ctx = StepContext(step=self.step, params=self._params, names=self._names, group_of=self._group_of)
+        self._ctx = ctx = StepContext(step=self.step, params=self._params, names=self._names, group_of=self._group_of)
+        stats_due = self._stats_due()
+        self._clip = None
+        if self.grads is not None and (stats_due or self._guard_detects()):
+            ctx.pre_clip = self.grads.measure(received=stats_due)  # never raises
+            self._clip = ctx.pre_clip.clip if ctx.pre_clip is not None else None
+        self._drop_failed_grads()
         self._run_chain(self.chain.before_step)
+
+    def _drop_failed_grads(self) -> None:
+        if self.grads is not None and self.grads.failed:  # logged by GradNorms: statistics read the step's gradients
+            self.errors += 1
+            self.grads.close()
+            self.grads = None
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         ctx = self._ctx
@@ -203,6 +232,7 @@ class Sentinel:
         if self.stats is not None and "stats" in self.chain.transforms:
             tap = self.chain.transforms["stats"]
             self._pending, tap.pending = tap.pending, None
+            self._pending_clip = self._clip if self._pending is not None else None
         self.events.extend(ctx.events)
         del self.events[:-1000]
 
@@ -216,10 +246,12 @@ class Sentinel:
     def observe(self, loss: torch.Tensor | float | None = None, **scalars: torch.Tensor | float) -> None:
         """Mark the end of a training step and publish what was measured during it.
 
-        ``loss`` and any other scalars (tensors stay on the device; no host sync here).
+        ``loss`` and any other scalars (tensors stay on the device; no host sync here).  A
+        ``grad_norm`` given here is published instead of the measured one (under DDP, pass
+        ``clip_grad_norm_``'s return value: the pre-clip global norm, which sentinel cannot see there).
         """
         now = time.perf_counter()
-        grad_norm = self._pending[1] if self._pending is not None else None
+        grad_norm = scalars.get("grad_norm", self._pending[1] if self._pending is not None else None)
         try:
             self._publish(now, loss, scalars)
         except Exception:
@@ -229,6 +261,12 @@ class Sentinel:
         self.step += 1
         if self.probes is not None:
             self.probes.begin_step(self.step)  # hooks only for the forward of a sampled step
+        if self.grads is not None:  # gradient hooks only for the backward of a step that reads them
+            if self._stats_due(self.step) or self._guard_detects():
+                self.grads.arm()
+            else:
+                self.grads.disarm()
+            self._drop_failed_grads()
         if self.control is not None:
             self.control.boundary(loss, grad_norm)  # commands, then checkpoints; never raises
 
@@ -243,6 +281,7 @@ class Sentinel:
 
     def _publish(self, now: float, loss: Any, scalars: dict[str, Any]) -> None:
         pending, self._pending = self._pending, None
+        clip, self._pending_clip = self._pending_clip, None
         probed = self.probes.collect() if self.probes is not None else []
         for collect in self._sources:
             try:
@@ -260,7 +299,9 @@ class Sentinel:
             values["loss"] = loss
         values.update(scalars)
         if pending is not None:
-            values["grad_norm"] = pending[1]
+            values.setdefault("grad_norm", pending[1])  # the user's, when given
+            if clip is not None:
+                values["grad_clip_factor"] = clip
         if self.chain is not None:
             values.update(self.chain.scalars())
         if self._eps is not None:
@@ -345,6 +386,8 @@ class Sentinel:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.grads is not None:
+            self.grads.close()
         if self.probes is not None:
             self.probes.close()
         if self.fp8_refresh is not None:
@@ -363,6 +406,7 @@ def attach(
     config: str | Path | dict | Config | None = None,
     *,
     lr_scheduler: Any = None,
+    grad_scaler: Any = None,
     **overrides: Any,
 ) -> Sentinel:
     """Attach sentinel to ``model`` and ``optimizer``.
@@ -370,6 +414,10 @@ def attach(
     ``config`` is a YAML path, a dict or a :class:`Config`; keyword overrides take dotted
     keys as ``stats__every=10`` or plain ``run="exp1"``.  ``lr_scheduler`` (optional) is
     checkpointed with the model and kept in step by the agent's ``lr_scale`` command.
+    ``grad_scaler`` (optional, a ``torch.amp.GradScaler``): the gradient hooks see the scaled
+    gradients of mixed-precision training, and its scale, read at each step, divides them;
+    without it the pre-clip norms of a scaled run are in scaled units.
     """
     overrides = {k.replace("__", "."): v for k, v in overrides.items()}
-    return Sentinel(model, optimizer, load_config(config, **overrides), lr_scheduler=lr_scheduler)
+    cfg = load_config(config, **overrides)
+    return Sentinel(model, optimizer, cfg, lr_scheduler=lr_scheduler, grad_scaler=grad_scaler)

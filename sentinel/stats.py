@@ -6,11 +6,14 @@ precursor of loss spikes in WeSaR (papers/001, §3); the RMS of the gradient and
 
 How: every reduction is a ``torch._foreach_*`` call over chunks of at most
 ``chunk_elements`` elements, and the result is one (tensors x stats) tensor on the device,
-so the host sees one transfer per publish.  Gradient norms and ‖W‖ are taken in the
-optimizer's pre-step hook, where W is still the weight the update applies to.  For Adam
-and AdamW the update is rebuilt from the optimizer state after the step instead of
-copying the parameters before it; with b1 = 1-β1^t, b2 = 1-β2^t, s = lr/(1-lr·wd) (wd = 0
-for Adam, whose weight decay is already inside m) and D = √v + ε·√b2:
+so the host sees one transfer per publish.  ‖W‖ is taken in the optimizer's pre-step hook,
+where W is still the weight the update applies to; the gradient norms are the pre-clip ones
+the gradient hooks measured during backward (sentinel/gradnorms.py), times any multiplier
+sentinel applied before the statistics (WeSaR's α), or, without those hooks (DDP), the norms
+of the gradients the step receives.  For Adam and AdamW the update is rebuilt from the
+optimizer state after the step instead of copying the parameters before it; with
+b1 = 1-β1^t, b2 = 1-β2^t, s = lr/(1-lr·wd) (wd = 0 for Adam, whose weight decay is already
+inside m) and D = √v + ε·√b2:
 
     -ΔW = s·wd·W_new + s·(√b2/b1)·m/D
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,30 +91,36 @@ class TensorStats:
         return sum(local(p).numel() * p.element_size() for p in self.params) if self.mode == "copy" else 0
 
     @torch.no_grad()
-    def before_step(self) -> None:
+    def before_step(self, pre_clip: Tensor | None = None, factors: dict[int, Any] | None = None) -> None:
         """Gradient norms and ‖W_before‖ (and the snapshot in 'copy' mode).
 
+        ``pre_clip``: per tensor, the gradient norm before the user's clipping (sentinel/gradnorms.py),
+        to be multiplied by ``factors`` (what sentinel multiplied gradients by so far, by tensor);
+        without it the gradients are read as the step finds them.
         Sharded: if any rank's statistics failed at the previous statistics step, raise on every
         rank alike, so that all of them turn statistics off at the same step.
         """
         if self.shards is None:
-            return self._before_step()
+            return self._before_step(pre_clip, factors)
         failed = self.shards.failures()
         if failed:
             raise RuntimeError(f"statistics failed on {failed} rank(s) at the previous statistics step")
         try:
-            self._before_step()
+            self._before_step(pre_clip, factors)
         except Exception:
             self._fail("before")
 
-    def _before_step(self) -> None:
+    def _before_step(self, pre_clip: Tensor | None, factors: dict[int, Any] | None) -> None:
         params = [local(p) for p in self.params]
         self._with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
-        self._grad_l2 = [self._zero] * len(params)
-        if self._with_grad:
-            grads = [local(self.params[i].grad) for i in self._with_grad]
-            for i, v in zip(self._with_grad, torch._foreach_norm(grads)):
-                self._grad_l2[i] = v
+        if pre_clip is not None:
+            self._grad_l2 = pre_clip * _multipliers(factors, pre_clip) if factors else pre_clip
+        else:
+            self._grad_l2 = [self._zero] * len(params)
+            if self._with_grad:
+                grads = [local(self.params[i].grad) for i in self._with_grad]
+                for i, v in zip(self._with_grad, torch._foreach_norm(grads)):
+                    self._grad_l2[i] = v
         self._param_l2 = list(torch._foreach_norm(params))
         if self.mode == "copy":
             self._before = [p.detach().clone() for p in params]
@@ -168,7 +178,7 @@ class TensorStats:
         if self.adam:
             self._adam(update_l2, root_v, below, root_b2)
         cols = (self._grad_l2, self._param_l2, update_l2, root_v, below)
-        return torch.stack([torch.stack(c).to(dtype) for c in cols], dim=1), root_b2
+        return torch.stack([(c if isinstance(c, Tensor) else torch.stack(c)).to(dtype) for c in cols], dim=1), root_b2
 
     def _copy_update(self, update_l2: list[Tensor]) -> None:
         before, self._before = self._before, None
@@ -198,6 +208,15 @@ class TensorStats:
                     update_l2[i] = norm
 
 
+def _multipliers(factors: dict[int, Any], like: Tensor) -> Tensor:
+    """|factor| per tensor (1 where none) as one vector on ``like``'s device, with no host-to-device copy."""
+    one = like.new_ones(())
+    parts = [one] * len(like)
+    for i, f in factors.items():
+        parts[i] = f.reshape(()).to(like.dtype) if isinstance(f, Tensor) else like.new_full((), float(f))
+    return torch.stack(parts).abs()
+
+
 class StatsTap(Transform):
     """TensorStats as a stage of the optimizer chain, on the steps ``due()`` selects."""
 
@@ -209,7 +228,8 @@ class StatsTap(Transform):
 
     def before_step(self, ctx: StepContext) -> None:
         if self.due():
-            self.stats.before_step()
+            pre = ctx.pre_clip
+            self.stats.before_step(pre.norms if pre is not None else None, ctx.applied)
 
     def after_step(self, ctx: StepContext) -> None:
         if self.due():

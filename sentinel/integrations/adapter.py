@@ -100,8 +100,11 @@ class Adapter:
         step: int,
         state: dict | None = None,
         resumed: bool = False,
+        grad_scaler: Any = None,
     ) -> Sentinel:
         """Attach to this call's model, optimizer and scheduler; ``step`` is the loop's step after any resume.
+
+        ``grad_scaler``: the framework's ``GradScaler`` under fp16 mixed precision (see :func:`sentinel.attach`).
 
         ``state`` is :meth:`state` as saved with the checkpoint the loop ``resumed`` from (None: the
         transforms start afresh).  Without a resume they continue from the previous call's live state.
@@ -115,7 +118,7 @@ class Adapter:
         if resumed or step > 0 or self._attached:
             keep_weights(cfg, "a resume" if resumed or step > 0 else "a later train()/fit() call")
         self._attached = True
-        sn = Sentinel(model, unwrap_optimizer(optimizer), cfg, lr_scheduler=lr_scheduler)
+        sn = Sentinel(model, unwrap_optimizer(optimizer), cfg, lr_scheduler=lr_scheduler, grad_scaler=grad_scaler)
         self._run = sn.run
         sn.step = step
         if sn.control is not None:

@@ -154,9 +154,11 @@ class SentinelCallback(AdapterViews, TrainerCallback):
         self._remove_hook()
         resume = self.adapter.pending_resume
         folder, self._resume_path = (resume.path if resume is not None else self._resume_path), None
+        scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)  # fp16: its loss scale
         self.adapter.attach(
-            model, optimizer, lr_scheduler, state.global_step, self._read_state(folder), resumed=folder is not None
-        )
+            model, optimizer, lr_scheduler, state.global_step, self._read_state(folder), resumed=folder is not None,
+            grad_scaler=scaler,
+        )  # fmt: skip
         if self.loss_source == "forward":
             try:
                 self.loss_scale = trainer_loss_scale(args, model, self._trainer)

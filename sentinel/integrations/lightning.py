@@ -85,7 +85,10 @@ class SentinelCallback(AdapterViews, Callback):
         scheduler = configs[0].scheduler if configs else None
         state, self._loaded_state = self._loaded_state, None
         resumed = trainer.ckpt_path is not None
-        sn = self.adapter.attach(pl_module, trainer.optimizers[0], scheduler, trainer.global_step, state, resumed)
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)  # 16-mixed: its loss scale
+        sn = self.adapter.attach(
+            pl_module, trainer.optimizers[0], scheduler, trainer.global_step, state, resumed, grad_scaler=scaler
+        )
         sn.defer_pre_step()
         if sn.control is not None:
             sn.checkpoints = self.adapter.checkpoints if self.dir is not None else None

@@ -28,6 +28,8 @@ class StepContext:
     grad_scale: list | None = None  # per tensor, set by eps: gradients and Adam state are in units × scale
     events: list[dict[str, Any]] = field(default_factory=list)
     grad_factor: dict[int, Any] | None = None  # pending gradient multipliers, by tensor; None: apply at once
+    applied: dict[int, Any] = field(default_factory=dict)  # multipliers applied so far this step, by tensor
+    pre_clip: Any = None  # sentinel.gradnorms.PreClip: the gradient norms before the user's clipping
 
 
 class Transform:

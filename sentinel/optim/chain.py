@@ -1,11 +1,12 @@
 """The one place that composes the transforms, in a fixed, documented order.
 
 Before the step (pre-step hook), in this order:
-  1. guard   decides on the raw gradients whether this update happens at all;
-             a skipped step runs nothing else.
+  1. guard   decides on the pre-clip global gradient norm (ctx.pre_clip, sentinel/gradnorms.py)
+             whether this update happens at all; a skipped step runs nothing else.
   2. wesar   turns W̄ into the actual W and ḡ into the gradients of W and of the gates.
   5. clamp   notes ‖W‖ of the matrices it bounds.
-  3. stats   reads gradient norms and ‖W‖ (actual parameters, true gradient units).
+  3. stats   reads the pre-clip gradient norms times the multipliers applied so far
+             (ctx.applied) and ‖W‖ (actual parameters, true gradient units).
   4. eps     scales gradients into the per-tensor units that give each tensor its own ε.
 After the step (post-step hook), in reverse:
   4. eps     nothing to undo (Adam's state stays in the scaled units; eps knows them).
@@ -82,6 +83,8 @@ class Chain:
         if factors and not ctx.skip:
             try:
                 apply_grad_factors(ctx.params, factors)
+                for i, f in factors.items():
+                    ctx.applied[i] = ctx.applied[i] * f if i in ctx.applied else f
             except Exception:
                 self.errors += 1
                 log.exception("sentinel: scaling gradients failed at step %d", ctx.step)

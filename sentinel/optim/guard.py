@@ -7,8 +7,11 @@ norm and of its variance (ZClip: α = 0.97, 25 warm-up steps) and, before the up
 - a non-finite gradient always skips the update;
 - a z-score above ``z`` skips it (``action: skip``, the default) or scales the gradients down
   to the EMA bound mean + z·std (``action: clip``).
-The guard reads the global gradient norm on the host once per step (a device sync on GPU)
-when detection is on.  Default z = 6: OLMo-core's SkipStepAdamW skips at 6σ; ZClip's 2.5 is meant for clipping and
+The z-score is of the pre-clip global norm (sentinel/gradnorms.py: measured while backward
+accumulates the gradients, before the user's ``clip_grad_norm_``, which would hide an
+excursion), or, without the gradient hooks (DDP), of the gradients the step receives; the
+clip action applies to the gradients the optimizer will use.  The guard reads that norm on
+the host once per step (a device sync on GPU) when detection is on.  Default z = 6: OLMo-core's SkipStepAdamW skips at 6σ; ZClip's 2.5 is meant for clipping and
 fires routinely, which a skip must not.  Outliers do not enter the EMA.  A skipped update
 leaves parameters and optimizer state untouched: gradients are dropped, so the optimizer
 sees no parameter to update.
@@ -71,7 +74,8 @@ class Guard(Transform):
         grads = [p.grad for p in ctx.params if p.grad is not None]
         if not grads:
             return
-        norm = grad_norm(grads)
+        pre = ctx.pre_clip if ctx.pre_clip is not None and not ctx.pre_clip.sharded else None
+        norm = float(pre.total()) if pre is not None else grad_norm(grads)
         if not math.isfinite(norm):
             self._skip(ctx, {"reason": "non-finite gradient", "grad_norm": norm})
             return
@@ -84,9 +88,12 @@ class Guard(Transform):
                 self._skip(ctx, {"reason": "grad-norm z-score", **evidence})
                 return
             bound = self.mean + self.z * std
-            torch._foreach_mul_(grads, bound / norm)
+            received = grad_norm(grads) if pre is not None else norm  # the norm the optimizer would use
+            if received > bound:
+                torch._foreach_mul_(grads, bound / received)
             self.clips += 1
-            ctx.events.append({"action": "clip", "step": ctx.step, "clipped_to": bound, **evidence})
+            evidence["received_grad_norm"] = received
+            ctx.events.append({"action": "clip", "step": ctx.step, "clipped_to": min(bound, received), **evidence})
             log.warning("sentinel guard: gradients clipped to %.4g at step %d (%s)", bound, ctx.step, evidence)
             norm = bound
         self._update(norm)

@@ -43,8 +43,10 @@ def _train(sn_config: dict | None) -> list[torch.Tensor]:
         # statistics on, publishing to an address nobody listens on: still only reads
         {"publish": {"endpoint": "tcp://127.0.0.1:9"}},
         {"stats": {"update": "copy", "every": 2}, "publish": {"enabled": False}},
+        # gradient hooks armed on some steps only, and the guard reading the pre-clip norm on every step
+        {"stats": {"every": 3}, "optim": {"guard": {"enabled": True}}, "publish": {"enabled": False}},
     ],
-    ids=["disabled", "stats-on-dead-agent", "copy-mode"],
+    ids=["disabled", "stats-on-dead-agent", "copy-mode", "guard-and-gradient-hooks"],
 )
 def test_training_is_bitwise_identical_to_the_bare_loop(config: dict) -> None:
     bare = _train(None)
