@@ -100,8 +100,11 @@ class FrameworkCheckpoints:
     def wait(self) -> None:
         """Saves are the framework's and finish before its hook returns: nothing in flight."""
 
-    def latest_good(self, max_step: int | None = None, *, any_lineage: bool = False) -> Path | None:
-        for v in sorted(self.verdicts.values(), key=lambda v: -v.step):
+    def latest_good(
+        self, max_step: int | None = None, *, any_lineage: bool = False, oldest: bool = False
+    ) -> Path | None:
+        """The newest (``oldest``: the oldest) good checkpoint at step <= ``max_step`` that verifies."""
+        for v in sorted(self.verdicts.values(), key=lambda v: v.step if oldest else -v.step):
             if v.state != "good" or (max_step is not None and v.step > max_step):
                 continue
             reason = self.verify(v.path) if collectives.rank() == 0 else None
