@@ -49,10 +49,14 @@ def test_messages_decode_with_the_agent_protocol(pull: zmq.Socket) -> None:
         assert msg.scalar("loss") == pytest.approx(loss.item(), rel=1e-6)
         assert msg.scalar("tokens") == 1234.0
         assert msg.scalar("lr") == pytest.approx(0.1)
+        assert msg.scalar("adam_eps") == np.float32(1e-8)  # AdamW's default ε, every step
         if step % 2 == 0:
-            assert msg.layout.tensors == ("weight", "bias")
+            assert msg.layout.tensors == ("weight", "bias") and msg.layout.roles == ("matrix", "bias")
             assert "update_ratio" in msg.layout.stats
-            np.testing.assert_allclose(msg.matrix, expected_matrix.numpy(), rtol=0)
+            own = len(sn.stats.stats)  # the statistics, then the ε in force per tensor
+            assert msg.layout.stats[own:] == ("adam_eps",)
+            np.testing.assert_allclose(msg.matrix[:, :own], expected_matrix.numpy(), rtol=0)
+            np.testing.assert_array_equal(msg.matrix[:, own], np.float32(1e-8))
             assert msg.scalar("grad_norm") > 0
         else:
             assert msg.layout.tensors == () and msg.scalar("grad_norm") is None
