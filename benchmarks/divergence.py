@@ -92,7 +92,9 @@ def main() -> None:
     parser.add_argument("--probes-every", type=int, default=10, help="the trainer's probes.every")
     parser.add_argument("--json", default=None, help="write rows, summary and runs to this file")
     parser.add_argument(
-        "--prevention", default="{}", help='policy.prevention keys for the prevent arm, as JSON: \'{"lr_factor": 0.25}\''
+        "--prevention",
+        default="{}",
+        help="policy.prevention keys for the prevent arm, as JSON: '{\"lr_factor\": 0.25}'",
     )
     args = parser.parse_args()
     seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if x]

@@ -85,8 +85,13 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),  # fmt: skip
     # ε-stall (Wortsman §3.4): small gradients that keep shrinking, until Adam's √v̂ meets ε; the twin keeps
     # each tensor's ε below its √v̂ with sentinel's ε auto-tuning (a tiny fixed ε amplifies float noise instead)
-    Scenario("eps-stall", "adam_eps", True, loss_scale=(3e-5, 40.0),
-             twin_overrides={"sentinel": {"optim": {"eps": {"enabled": True, "every": 1}}}}),  # fmt: skip
+    Scenario(
+        "eps-stall",
+        "adam_eps",
+        True,
+        loss_scale=(3e-5, 40.0),
+        twin_overrides={"sentinel": {"optim": {"eps": {"enabled": True, "every": 1}}}},
+    ),  # fmt: skip
     # an LR fault: the schedule's LR jumps ×10 mid-run
     Scenario("lr-jump", "lr_fault", True, lr_jump=(150, 10.0)),
     # a silent corruption: one weight overwritten with a huge value, as a bit flip would
