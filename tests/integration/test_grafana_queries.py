@@ -80,7 +80,8 @@ def _train(agent: AgentProcess) -> None:
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
     windows = Windows(stdlib_corpus(), cfg.block_size, 100_000, seed=0)
-    data = BadRegion(BadRegion(windows, 40 * 8, 45 * 8), 90 * 8, 95 * 8)  # detections early and late in the run
+    # detections well after Prometheus's first scrapes of the run's counters (from 0), twice
+    data = BadRegion(BadRegion(windows, 60 * 8, 65 * 8), 110 * 8, 115 * 8)
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     config = {
         "run": RUN,
@@ -103,7 +104,7 @@ def _train(agent: AgentProcess) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             sn.observe(loss=loss)
-            if sn.step >= 120 and time.monotonic() - start >= MIN_SECONDS:
+            if sn.step >= 140 and time.monotonic() - start >= MIN_SECONDS:
                 break
             time.sleep(0.02)
 

@@ -240,8 +240,8 @@ def test_prevention_is_off_by_default_and_warns_only():
 def test_prevention_rolls_back_to_before_the_trend_and_lowers_the_lr():
     p = policy(prevention={"enabled": True})
     got = decide_commit(p, trend(300, span_steps=60.0))
-    assert actions(got) == [("rollback", {"steps_back": 70, "skip": 0}), ("lr_scale", {"factor": 0.5})]
-    assert got.rule == -1 and "lr_scale(factor=0.5)" in got.reason
+    assert actions(got) == [("rollback", {"steps_back": 70, "skip": 0}), ("lr_scale", {"factor": 0.25})]
+    assert got.rule == -1 and "lr_scale(factor=0.25)" in got.reason
     early = policy(prevention={"enabled": True}).decide(trend(40, span_steps=40.0))
     assert actions(early)[0] == ("rollback", {"steps_back": 40, "skip": 0})  # never before step 0
     assert p.decide(trend(310, span_steps=60.0)).suppressed == "pending_rollback"

@@ -271,8 +271,9 @@ def test_attached_probes_reach_the_agent_as_module_families_and_feed_its_predict
     import sentinel
 
     # out_rms and log_z limits the first probed values reach: the predictors must read the probe rows
-    predict = {"trend": {"warmup_steps": 0, "baseline_points": 1}, "out_rms": {"max_growth": 1.0}}
-    predict["log_z"] = {"max_drift": 1e-6}
+    predict = {"trend": {"warmup_steps": 0, "baseline_points": 1}}
+    predict["out_rms"] = {"enabled": True, "max_growth": 1.0, "watch_from": 1.0}  # off by default (docs/policy.md)
+    predict["log_z"] = {"max_drift": 1e-6, "watch_drift": 0.0}
     agent = start_agent(config={"predict": predict})
     model, opt, _, loader = make_run(TrainConfig(steps=4, batch_size=2), GPTConfig(n_layer=2, block_size=32))
     sn = sentinel.attach(
