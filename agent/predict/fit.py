@@ -7,6 +7,7 @@ shares with the previous one; ``Baselines`` keeps each row's early value.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -107,6 +108,19 @@ class Baselines:
     def __init__(self, points: int, limit: int = MAX_BASELINES):
         self.points, self.limit = points, limit
         self._values: dict[tuple[str, str], list[float] | float] = {}
+        self._offered: dict[tuple[str, str], int] = {}  # the last step offered per row
+
+    def offer(self, key: tuple[str, str], steps: np.ndarray, values: np.ndarray) -> float | None:
+        """The row's baseline, feeding it the finite values of a window whose steps it has not seen yet
+        (consecutive windows overlap: each step counts once)."""
+        settled = self.settled(key)
+        if settled is not None:
+            return settled
+        seen = self._offered.get(key, -1)
+        fresh = [v for s, v in zip(steps.tolist(), values.tolist()) if s > seen and math.isfinite(v)]
+        if len(steps) and (key in self._offered or len(self._offered) < self.limit):
+            self._offered[key] = max(seen, int(steps[-1]))
+        return self.update(key, fresh)
 
     def settled(self, key: tuple[str, str]) -> float | None:
         entry = self._values.get(key)

@@ -42,7 +42,6 @@ class LogZ(TrendPredictor):
     def __init__(self, cfg, run: str = "", rank: int = 0):
         super().__init__(cfg, run, rank)
         self.baselines = Baselines(cfg.trend.baseline_points)
-        self._seen: dict[str, int] = {}
 
     def wants(self, msg) -> bool:
         return "log_z_max" in msg.layout.stats or any(n in msg.layout.scalars for n in NAMES)
@@ -71,21 +70,11 @@ class LogZ(TrendPredictor):
                         wins.append(StatWindow((name,), steps[seg], values[seg, None].astype(np.float64)))
         return wins
 
-    def _baseline(self, layer: str, steps: np.ndarray, values: np.ndarray) -> float | None:
-        key = ("log_z", layer)
-        settled = self.baselines.settled(key)
-        if settled is not None:
-            return settled
-        seen = self._seen.get(layer, -1)
-        fresh = [v for s, v in zip(steps.tolist(), values.tolist()) if s > seen and math.isfinite(v)]
-        self._seen[layer] = max(seen, int(steps[-1]))
-        return self.baselines.update(key, fresh)
-
     def forecasts(self, msg, series):
         c, out = self.c, []
         for w in self._windows(msg, series):
             for r, layer in enumerate(w.tensors):
-                base = self._baseline(layer, w.steps, w.values[:, r])
+                base = self.baselines.offer(("log_z", layer), w.steps, w.values[:, r])
                 if base is None:
                     continue
                 drift = w.values[:, r] - base

@@ -38,7 +38,6 @@ class OutRms(TrendPredictor):
     def __init__(self, cfg, run: str = "", rank: int = 0):
         super().__init__(cfg, run, rank)
         self.baselines = Baselines(cfg.trend.baseline_points)
-        self._seen: dict[str, int] = {}
         self._base: dict[tuple[str, ...], np.ndarray] = {}
 
     def past_limit(self, msg) -> bool:
@@ -46,21 +45,11 @@ class OutRms(TrendPredictor):
         col = msg.matrix[:, msg.layout.stats.index(self.stat)]
         return base is not None and bool((col >= self.c.max_growth * base).any())
 
-    def _baseline(self, layer: str, steps: np.ndarray, values: np.ndarray) -> float:
-        key = ("out_rms", layer)
-        settled = self.baselines.settled(key)
-        if settled is not None:
-            return settled
-        seen = self._seen.get(layer, -1)
-        fresh = [v for s, v in zip(steps.tolist(), values.tolist()) if s > seen and math.isfinite(v)]
-        self._seen[layer] = max(seen, int(steps[-1]))
-        got = self.baselines.update(key, fresh)
-        return math.nan if got is None else got
-
     def forecasts(self, msg, series):
         out = []
         for w in self.windows(series, self.stat, msg):
-            base = np.array([self._baseline(t, w.steps, w.values[:, r]) for r, t in enumerate(w.tensors)])
+            offered = [self.baselines.offer(("out_rms", t), w.steps, w.values[:, r]) for r, t in enumerate(w.tensors)]
+            base = np.array([math.nan if b is None else b for b in offered])
             self._base[w.tensors] = base
             good = np.isfinite(base) & (base > 0)
             ok = np.isfinite(w.values) & (w.values > 0) & good[None, :]
