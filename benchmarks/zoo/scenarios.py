@@ -33,6 +33,7 @@ class Scenario:
     z_loss: float = 0.0
     batch: int = 16
     lr_jump: tuple[int, float] | None = None  # (model step, factor): the schedule multiplies the LR from there
+    rewarm: tuple[int, int, float] | None = None  # (model step, ramp steps, factor): the LR rises linearly to factor×
     loss_scale: tuple[float, float] | None = (
         None  # (initial factor, steps over which it halves): the loss, so the gradient
     )

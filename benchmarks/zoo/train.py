@@ -38,6 +38,9 @@ def _schedule(s: Scenario):
         f = min(1.0, (step + 1) / max(1, s.warmup))
         if s.schedule == "cosine":
             f *= 0.5 * (1 + math.cos(math.pi * min(step, s.steps) / s.steps))
+        if s.rewarm is not None:
+            start, ramp, to = s.rewarm
+            f *= 1 + min(1.0, max(0.0, (step - start) / ramp)) * (to - 1)
         if s.lr_jump is not None and step >= s.lr_jump[0]:
             f *= s.lr_jump[1]
         return f
