@@ -314,9 +314,9 @@ class _Recorder(TorchFunctionMode):
 
     # -- module hooks ------------------------------------------------------------------------
 
-    def hooks(self, root: torch.nn.Module) -> list[Any]:
+    def hooks(self, root: torch.nn.Module, prefix: str = "") -> list[Any]:
         handles = []
-        for name, mod in root.named_modules():
+        for name, mod in root.named_modules(prefix=prefix):
             te = type(mod).__name__ in ATTENTION_MODULES
             handles.append(mod.register_forward_pre_hook(self._enter(name, te), with_kwargs=True))
             handles.append(mod.register_forward_hook(self._exit(name, te), with_kwargs=True, always_call=True))
@@ -379,7 +379,8 @@ def trace(model: torch.nn.Module, seq: int = 8) -> Graph:
     try:
         ids = example_ids(root, seq)
         rec.g.tokens = tuple(ids.shape)
-        handles = rec.hooks(root)
+        prefix = next((n for n, mod in model.named_modules() if mod is root), "")
+        handles = rec.hooks(root, prefix)
         root.eval()
         with torch.no_grad():
             rec._new(ids, "input")
