@@ -51,9 +51,9 @@ MATRIX_FUNCS = {
     F.embedding: "embedding",
     F.conv1d: "conv",
 }
-for _f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)):  # MoE experts (transformers 5)
-    if _f is not None:
-        MATRIX_FUNCS[_f] = "matmul"
+#: MoE experts' grouped products (transformers 5); their meta kernel takes bf16 only, so the trace shapes them
+_GROUPED = {f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f is not None}
+MATRIX_FUNCS.update(dict.fromkeys(_GROUPED, "matmul"))
 SOFTMAX = {F.softmax, torch.softmax, T.softmax}
 SDPA = F.scaled_dot_product_attention
 ACTIVATIONS = {
@@ -66,6 +66,21 @@ NORMS = {F.layer_norm, F.rms_norm, F.group_norm, torch.rsqrt, T.rsqrt, F.normali
 _TRANSPOSE_GETTERS = {"T", "mT", "H", "mH"}
 _SAME_DIMS = {"to", "float", "half", "bfloat16", "type", "contiguous", "clone", "detach", "type_as"}
 ATTENTION_MODULES = ("DotProductAttention",)  # Transformer Engine
+#: reads of a value a meta tensor does not have: the trace answers them (mask fast paths, sizes)
+_READS = {T.item, T.__bool__, T.tolist, T.__int__, T.__float__, T.__index__}
+
+
+def _meta_value(func: Any, t: torch.Tensor) -> Any:
+    """A stand-in for a meta tensor's value: True for booleans, 1 for integers, 0.0 otherwise.
+    Only the control flow of the traced pass can depend on it, never a role."""
+    value: Any = True if t.dtype == torch.bool else 1 if not t.is_floating_point() else 0.0
+    if func is T.tolist:
+        return torch.full(t.shape, value).tolist() if t.dim() else value
+    if func is T.__float__:
+        return float(value)
+    if func in (T.__int__, T.__index__):
+        return int(value)
+    return bool(value) if func is T.__bool__ else value
 
 
 @dataclass
@@ -188,7 +203,12 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        if func in _READS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return _meta_value(func, args[0])
+        if func in _GROUPED and len(args) >= 2 and args[0].is_meta and args[1].dim() == 3:
+            out = torch.empty(args[0].shape[0], args[1].shape[-1], dtype=args[0].dtype, device="meta")
+        else:
+            out = func(*args, **kwargs)
         if self.failed is None:
             try:
                 self._record(func, args, kwargs, out)

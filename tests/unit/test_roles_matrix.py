@@ -73,3 +73,14 @@ def test_fused_splits_come_from_the_dataflow() -> None:
     rm = assign_roles(ZOO["plain_qkv_proj_fc"][0]())
     parts = rm["blocks.0.attn.qkv.weight"].fused_parts
     assert (parts.sizes, parts.layout) == ((32, 32, 32), "contiguous") and "traced dataflow" in parts.rule
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_roles_on_the_meta_device(name: str) -> None:
+    """`sentinel audit` builds models on the meta device: the trace runs there too (no data, no memory)."""
+    build, expected = ZOO[name]
+    with torch.device("meta"):
+        model = build()
+    rm = assign_roles(model)
+    assert rm.structure.error is None and len(rm.structure.attentions) == LAYERS
+    assert {n: r.role for n, r in rm.items() if r.is_matrix} == expected
