@@ -158,7 +158,7 @@ def roles_section(ctx: AuditContext) -> Section:
 
     section = ctx.config.roles
     preset = ctx.preset or section.preset
-    rm = assign_roles(ctx.model, preset=preset, overrides=section.overrides)
+    rm = assign_roles(ctx.model, preset=preset, overrides=section.overrides, structure=section.structure)
     ctx.roles = rm
     lines = []
     scores = ", ".join(f"{name} {n}" for name, n in sorted(rm.preset_scores.items(), key=lambda kv: -kv[1]))

@@ -336,4 +336,6 @@ def assign_roles(
 def roles_from_config(model: torch.nn.Module, config: Any) -> RoleMap:
     """:func:`assign_roles` with ``config.roles`` (a :class:`sentinel.Config` or its ``roles`` section)."""
     section = getattr(config, "roles", config)
-    return assign_roles(model, preset=section.preset, overrides=section.overrides)
+    return assign_roles(
+        model, preset=section.preset, overrides=section.overrides, structure=getattr(section, "structure", True)
+    )
