@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sentinel.role_trace import ACTIVATIONS, MULS, NORMS, TOPK, Attention, Graph
+from sentinel.role_trace import ACTIVATIONS, MULS, NORMS, TOPK, Attention, Graph, channels
 
 __all__ = ["AttentionSite", "Structure", "infer"]
 
@@ -77,8 +77,16 @@ class Structure:
 class _Src:
     nodes: set[int] = field(default_factory=set)
     acts: set[bool] = field(default_factory=set)
-    chans: dict[bool, set[int]] = field(default_factory=dict)
+    views: dict[bool, set[int]] = field(default_factory=dict)  # views of its output on the paths, by activation
     whole: set[bool] = field(default_factory=set)
+
+    def chans(self, g: Graph, act: bool | None = None) -> set[int]:
+        out: set[int] = set()
+        for a, views in self.views.items():
+            if act is None or a == act:
+                for v in views:
+                    out |= channels(g, v)
+        return out
 
 
 def _sources(g: Graph, starts: list[int]) -> dict[str, _Src]:
@@ -91,8 +99,8 @@ def _sources(g: Graph, starts: list[int]) -> dict[str, _Src]:
         if (v, act, chan) in seen or len(seen) > 200_000:
             continue
         seen.add((v, act, chan))
-        if chan is None and v in g.chans:
-            chan = g.chans[v]
+        if chan is None and v in g.views:
+            chan = v
         p = g.producer.get(v)
         if p is None:
             continue
@@ -101,8 +109,8 @@ def _sources(g: Graph, starts: list[int]) -> dict[str, _Src]:
             src = out.setdefault(node.use.param, _Src())
             src.nodes.add(p)
             src.acts.add(act)
-            if chan is not None and chan[0] in node.outputs:
-                src.chans.setdefault(act, set()).update(chan[1])
+            if chan is not None and g.views[chan][0] in node.outputs:
+                src.views.setdefault(act, set()).add(chan)
             else:
                 src.whole.add(act)
             continue
@@ -169,14 +177,11 @@ def _softmax_attention(g: Graph, s_idx: int) -> Attention | None:
     return None
 
 
-def _split(src: dict[str, _Src], param: str) -> set[int] | None:
+def _split(g: Graph, src: dict[str, _Src], param: str) -> set[int] | None:
     s = src.get(param)
     if s is None or s.whole:
         return None
-    chans: set[int] = set()
-    for c in s.chans.values():
-        chans |= c
-    return chans
+    return s.chans(g)
 
 
 def _runs(chans: list[int]) -> int:
@@ -247,7 +252,7 @@ def infer(g: Graph, shapes: dict[str, tuple[int, ...]], aliases: dict[str, list[
         for param, parts in feeds.items():
             if parts == {"q", "k", "v"}:
                 give(param, "qkv", i)
-                fused = _qkv_fused({p: _split(srcs[p], param) for p in "qkv"})
+                fused = _qkv_fused({p: _split(g, srcs[p], param) for p in "qkv"})
                 if fused is not None:
                     st.fused.setdefault(param, fused)
                 site.q.append(param), site.k.append(param), site.v.append(param)
@@ -283,7 +288,7 @@ def infer(g: Graph, shapes: dict[str, tuple[int, ...]], aliases: dict[str, list[
         gated = {p for p, s in src.items() if True in s.acts}
         for p, s in src.items():
             if len(src) == 1:
-                act_ch, plain_ch = s.chans.get(True), s.chans.get(False)
+                act_ch, plain_ch = s.chans(g, True), s.chans(g, False)
                 if act_ch and plain_ch and not (act_ch & plain_ch) and not s.whole:
                     give(p, "gate_up", layer)
                     gate_first = min(act_ch) < min(plain_ch)

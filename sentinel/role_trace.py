@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from sentinel.model_call import call_model, example_ids, unwrap
 
-__all__ = ["Attention", "Graph", "Node", "Use", "trace"]
+__all__ = ["Attention", "Graph", "Node", "Use", "channels", "trace"]
 
 T = torch.Tensor
 MATRIX_FUNCS = {
@@ -128,7 +128,9 @@ class Graph:
     producer: dict[int, int] = field(default_factory=dict)
     consumers: dict[int, list[int]] = field(default_factory=dict)
     wsrc: dict[int, tuple[str, tuple[int | None, ...] | None]] = field(default_factory=dict)
-    chans: dict[int, tuple[int, frozenset[int]]] = field(default_factory=dict)
+    #: view of a matrix output -> (that output, shape, stride, offset, channels, elements): what it covers
+    views: dict[int, tuple] = field(default_factory=dict)
+    _channels: dict[int, frozenset[int]] = field(default_factory=dict, repr=False)
     shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
     uses: list[Use] = field(default_factory=list)
     attentions: list[Attention] = field(default_factory=list)
@@ -136,6 +138,18 @@ class Graph:
     error: str | None = None
     tokens: tuple[int, ...] = ()
     output: int | None = None  # value id of the first output tensor
+
+
+def channels(g: Graph, vid: int) -> frozenset[int]:
+    """The output channels of its matrix product that view ``vid`` covers (computed when asked)."""
+    got = g._channels.get(vid)
+    if got is None:
+        _, shape, stride, offset, width, numel = g.views[vid]
+        idx = torch.arange(numel).as_strided(shape, stride, offset)
+        covered = torch.zeros(width, dtype=torch.bool)
+        covered[(idx % width).reshape(-1)] = True
+        got = g._channels[vid] = frozenset(covered.nonzero().flatten().tolist())
+    return got
 
 
 def _flat(x: Any, out: list) -> list:
@@ -316,9 +330,7 @@ class _Recorder(TorchFunctionMode):
         if entry is None or entry[0]() is not root or t._base is None:
             return
         _, bvid, offset, width, numel = entry
-        flat = torch.arange(numel)
-        idx = flat.as_strided(tuple(t.shape), tuple(t.stride()), t.storage_offset() - offset)
-        self.g.chans[vid] = (bvid, frozenset((idx % width).unique().tolist()))
+        self.g.views[vid] = (bvid, tuple(t.shape), tuple(t.stride()), t.storage_offset() - offset, width, numel)
 
     def _sdpa(self, idx: int, args: tuple, kwargs: dict, tensors: list, inputs: list, outs: list) -> None:
         q = args[0] if args else kwargs.get("query")
