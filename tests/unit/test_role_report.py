@@ -97,3 +97,28 @@ def test_the_agent_exports_the_counts_as_gauges():
     s = f.scrape()
     assert s.value("sentinel_roles_unassigned_matrices", run="r", rank="0") == 4
     assert s.value("sentinel_roles_blocks_without_attention", run="r", rank="0") == 2
+
+
+def test_a_forward_the_trace_cannot_call_falls_back_to_the_presets_with_a_warning(caplog):
+    """A model taking a dict batch: the trace fails, attach says so once, the presets still work."""
+    from sentinel.examples.tiny_gpt import GPT, GPTConfig
+
+    class DictBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=4))
+
+        def forward(self, batch):
+            return self.gpt(batch["ids"])
+
+    model = DictBatch()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with caplog.at_level(logging.INFO, logger="sentinel"):
+        sn = sentinel.attach(model, torch.optim.AdamW(model.parameters()), publish={"enabled": False})
+    sn.close()
+    [text] = warnings(caplog)
+    assert "forward on 8 tokens raised" in text and "presets assigned every matrix" in text
+    assert sn.role_gaps.unassigned == [] and model.training
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    rm = assign_roles(model)
+    assert rm["gpt.h.0.attn.c_attn.weight"].role == "qkv" and any("structure not traced" in n for n in rm.notes)
