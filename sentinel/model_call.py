@@ -64,17 +64,17 @@ def example_ids(model: torch.nn.Module, seq: int = 8, batch: int = 1, vocab: int
     return ids.to(device) if device.type != "meta" else ids.to("meta")
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
+def _accepts(model: torch.nn.Module, name: str, named_only: bool = False) -> bool:
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return name in params or (not named_only and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()))
 
 
 def call_model(model: torch.nn.Module, ids: torch.Tensor, **kwargs: Any) -> Any:
     """``model(ids, **kwargs)``, with ``use_cache=False`` where the forward takes it (no KV cache kept)."""
-    if _accepts(model, "use_cache"):
+    if _accepts(model, "use_cache", named_only=True):
         kwargs.setdefault("use_cache", False)
     return model(ids, **kwargs)
 

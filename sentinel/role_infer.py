@@ -79,6 +79,7 @@ class _Src:
     acts: set[bool] = field(default_factory=set)
     views: dict[bool, set[int]] = field(default_factory=dict)  # views of its output on the paths, by activation
     whole: set[bool] = field(default_factory=set)
+    mixed: bool = False  # a path passed a product of two activations (an attention no rule recognised)
 
     def chans(self, g: Graph, act: bool | None = None) -> set[int]:
         out: set[int] = set()
@@ -92,13 +93,13 @@ class _Src:
 def _sources(g: Graph, starts: list[int]) -> dict[str, _Src]:
     """Matrices whose outputs reach ``starts`` through no other matrix, with how (activation, channels)."""
     out: dict[str, _Src] = {}
-    stack = [(v, False, None) for v in starts]
+    stack = [(v, False, None, False) for v in starts]
     seen: set = set()
     while stack:
-        v, act, chan = stack.pop()
-        if (v, act, chan) in seen or len(seen) > 200_000:
+        v, act, chan, mixed = stack.pop()
+        if (v, act, chan, mixed) in seen or len(seen) > 200_000:
             continue
-        seen.add((v, act, chan))
+        seen.add((v, act, chan, mixed))
         if chan is None and v in g.views:
             chan = v
         p = g.producer.get(v)
@@ -109,15 +110,17 @@ def _sources(g: Graph, starts: list[int]) -> dict[str, _Src]:
             src = out.setdefault(node.use.param, _Src())
             src.nodes.add(p)
             src.acts.add(act)
+            src.mixed = src.mixed or mixed
             if chan is not None and g.views[chan][0] in node.outputs:
                 src.views.setdefault(act, set()).add(chan)
             else:
                 src.whole.add(act)
             continue
         a = act or node.func in ACTIVATIONS
-        for i in node.inputs:
-            if g.kind.get(i) == "act":
-                stack.append((i, a, chan))
+        acts = [i for i in node.inputs if g.kind.get(i) == "act"]
+        m = mixed or (node.name in _SCORES and len(acts) >= 2)  # a product of two activations: attention-like
+        for i in acts:
+            stack.append((i, a, chan, m))
     return out
 
 
@@ -283,6 +286,8 @@ def infer(g: Graph, shapes: dict[str, tuple[int, ...]], aliases: dict[str, list[
             continue
         if any(p == u.param for p in src) or not any(True in s.acts for s in src.values()):
             continue  # an MLP's hidden layer passes an activation
+        if any(s.mixed for s in src.values()):
+            continue  # tokens were mixed on the way: an attention the trace did not recognise, not an MLP
         layer = layer_at(u.node)
         give(u.param, "down", layer, [u.node])
         gated = {p for p, s in src.items() if True in s.acts}

@@ -122,3 +122,25 @@ def test_a_forward_the_trace_cannot_call_falls_back_to_the_presets_with_a_warnin
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     rm = assign_roles(model)
     assert rm["gpt.h.0.attn.c_attn.weight"].role == "qkv" and any("structure not traced" in n for n in rm.notes)
+
+
+def test_an_unrecognised_attention_is_never_read_as_an_mlp():
+    """Sigmoid attention (no softmax, no SDPA): its q/k/v and o matrices must not become up and down."""
+
+    class SigmoidAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mix, self.o, self.head = (
+                nn.Embedding(32, 16),
+                nn.Linear(16, 48),
+                nn.Linear(16, 16),
+                nn.Linear(16, 32),
+            )
+
+        def forward(self, ids):
+            q, k, v = self.mix(self.emb(ids)).split(16, dim=-1)
+            return self.head(self.o(torch.sigmoid(q @ k.transpose(-1, -2)) @ v))
+
+    rm = assign_roles(SigmoidAttention())
+    assert {n: r.role for n, r in rm.items() if r.is_matrix} == {"emb.weight": "embedding", "head.weight": "head"}
+    assert sorted(rm.unassigned) == ["mix.weight", "o.weight"]
