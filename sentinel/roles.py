@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from sentinel.model_call import unwrap
 from sentinel.role_infer import Structure, infer
 from sentinel.role_names import (
     _gate_up_parts,
@@ -135,7 +136,8 @@ def _choose(m: _Model) -> tuple[str, dict[str, int], list[str]]:
 
 
 def _has_forward(model: torch.nn.Module) -> bool:
-    return type(model).forward is not torch.nn.Module.forward
+    root = unwrap(model)[0] or model  # torch.compile's wrapper keeps nn.Module.forward
+    return type(root).forward is not torch.nn.Module.forward
 
 
 def trace_structure(model: torch.nn.Module, m: _Model | None = None) -> Structure:

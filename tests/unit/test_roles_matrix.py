@@ -84,3 +84,57 @@ def test_roles_on_the_meta_device(name: str) -> None:
     rm = assign_roles(model)
     assert rm.structure.error is None and len(rm.structure.attentions) == LAYERS
     assert {n: r.role for n, r in rm.items() if r.is_matrix} == expected
+
+
+def test_wrappers_are_traced_through_and_sharded_models_are_not() -> None:
+    """torch.compile and DDP wrappers: the inner module is traced (no compilation, no collective)."""
+    from sentinel.model_call import unwrap
+
+    build, expected = ZOO["plain_qkv_proj_fc"]
+    model = build()
+    compiled = torch.compile(model)
+    rm = assign_roles(compiled)
+    assert {n.removeprefix("_orig_mod."): r.role for n, r in rm.items() if r.is_matrix} == expected
+    assert rm.structure.attentions[0].module == "_orig_mod.blocks.0.attn"
+
+    class DistributedDataParallel(torch.nn.Module):  # the class name is what unwrap goes by
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert unwrap(DistributedDataParallel(model))[0] is model
+
+    class FullyShardedDataParallel(DistributedDataParallel):
+        def forward(self, *args):
+            return self.module(*args)
+
+    root, why = unwrap(FullyShardedDataParallel(model))
+    assert root is None and "FSDP" in why
+    rm = assign_roles(FullyShardedDataParallel(model))
+    assert "structure not traced" in " ".join(rm.notes) and rm.structure.error
+
+
+def test_an_ambiguous_auto_preset_is_settled_by_the_structure() -> None:
+    """Names from two conventions, one matrix each: the presets tie with different roles; the dataflow decides."""
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(32, 16)
+            self.attn = torch.nn.Module()
+            self.attn.q_proj, self.attn.c_attn = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+            self.vv, self.proj, self.out = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 32)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            q, k, v = (m(x).view(1, -1, 2, 8).transpose(1, 2) for m in (self.attn.q_proj, self.attn.c_attn, self.vv))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(x + self.proj(y.transpose(1, 2).reshape(1, -1, 16)))
+
+    model = Mixed()
+    with pytest.raises(Exception, match="ambiguous"):
+        assign_roles(model, structure=False)
+    rm = assign_roles(model)
+    assert rm.unassigned == [] and rm["attn.q_proj.weight"].role == "q" and rm["proj.weight"].role == "o"
+    assert rm["attn.c_attn.weight"].role == "k"  # not the qkv its gpt2 name suggests
+    assert any("ambiguous" in n for n in rm.notes)
