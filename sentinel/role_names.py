@@ -104,7 +104,9 @@ def _qkv_parts(m: _Model, name: str, layout: str, d_model: int | None) -> FusedP
     dim = _out_dim(chain[0] if chain else None)
     rows = shape[dim]
     layout_rule = ""
-    if layout == "te":  # fused TE QKV: interleaved unless the attention module says otherwise
+    if layout == "te" and chain and type(chain[0]) is torch.nn.Linear:  # TE's own modules are never torch's
+        layout, layout_rule = "contiguous", "; layout: contiguous (a torch nn.Linear, not a Transformer Engine module)"
+    elif layout == "te":  # fused TE QKV: interleaved unless the attention module says otherwise
         flag = _lookup(chain, ("qkv_weight_interleaved",), bool)
         layout = "contiguous" if flag is False else "interleaved"
         layout_rule = (

@@ -144,3 +144,12 @@ def test_an_unrecognised_attention_is_never_read_as_an_mlp():
     rm = assign_roles(SigmoidAttention())
     assert {n: r.role for n, r in rm.items() if r.is_matrix} == {"emb.weight": "embedding", "head.weight": "head"}
     assert sorted(rm.unassigned) == ["mix.weight", "o.weight"]
+
+
+def test_a_plain_linear_named_qkv_is_not_read_as_te_interleaved():
+    """The report that started this: the te preset read a torch nn.Linear `qkv` as TE's interleaved QKV."""
+    from test_row_roles import Unfamiliar
+
+    rm = assign_roles(Unfamiliar(), structure=False)  # names only: the te preset's `qkv.weight` rule
+    parts = rm["blocks.0.attn.qkv.weight"].fused_parts
+    assert parts.layout == "contiguous" and "torch nn.Linear" in parts.rule
