@@ -52,6 +52,16 @@ SCALAR_FAMILIES: dict[str, tuple[str, str]] = {
         "sentinel_learning_rate",
         "Learning rate at the latest message (trainer scalar 'lr'; dimensionless).",
     ),
+    "roles_unassigned_matrices": (
+        "sentinel_roles_unassigned_matrices",
+        "Weight matrices the trainer's role map left without a role: WeSaR, the clamp and the role-aware "
+        "predictors skip them (trainer scalar 'roles_unassigned_matrices'; matrices; fix with roles.overrides).",
+    ),
+    "roles_blocks_without_attention": (
+        "sentinel_roles_blocks_without_attention",
+        "Transformer blocks where no attention was found, so no attention-logit probe runs there "
+        "(trainer scalar 'roles_blocks_without_attention'; blocks).",
+    ),
 }
 
 STAT_FAMILIES: dict[str, tuple[str, str]] = {

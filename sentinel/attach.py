@@ -31,6 +31,7 @@ from sentinel.optim import Chain, Guard, StepContext, optimizer_params
 from sentinel.optim import build as build_transforms
 from sentinel.probes import Probes
 from sentinel.publish import HostTransfer, Publisher
+from sentinel.role_report import RoleGaps, find_gaps
 from sentinel.row_roles import param_roles, require, role_map_or_error
 from sentinel.stats import StatsTap, TensorStats
 from sentinel.te import Fp8CacheRefresh, is_te_module
@@ -86,6 +87,7 @@ class Sentinel:
         self.checkpoints: CheckpointManager | None = None
         self.control: Control | None = None
         self.probes: Probes | None = None
+        self.role_gaps: RoleGaps | None = None
         logging.getLogger("sentinel").setLevel(config.log_level.upper())
         if not config.enabled:
             log.info("sentinel: disabled by config; no hooks installed")
@@ -160,6 +162,22 @@ class Sentinel:
         self.control = Control(self, config.control)
         if config.probes.enabled and self.publisher is not None:  # ranks that publish nothing probe nothing
             self.probes = Probes.start(model, config.probes, role_map)
+        self.role_gaps = self._report_gaps(role_map)
+
+    def _report_gaps(self, role_map: Any) -> RoleGaps | None:
+        """One WARNING naming every matrix without a role and every block without attention, with the fix."""
+        if role_map is None:
+            return None
+        try:
+            gaps = find_gaps(role_map, self.config, self.probes.plan if self.probes is not None else None)
+        except Exception:
+            log.exception("sentinel: the role-map report failed (training continues)")
+            return None
+        if gaps.any:
+            log.warning("%s", gaps.text())
+        elif gaps.trace_error:
+            log.warning("sentinel roles: %s; the parameter-name presets assigned every matrix", gaps.trace_error)
+        return gaps
 
     def _stats_due(self, step: int | None = None) -> bool:
         step = self.step if step is None else step
@@ -298,6 +316,9 @@ class Sentinel:
         if loss is not None:
             values["loss"] = loss
         values.update(scalars)
+        if self.role_gaps is not None:
+            for name, value in self.role_gaps.scalars().items():
+                values.setdefault(name, value)
         if pending is not None:
             values.setdefault("grad_norm", pending[1])  # the user's, when given
             if clip is not None:

@@ -13,8 +13,11 @@ audits its roles in seconds on a laptop; the numeric checks need ``--no-meta`` (
 one pass over ``--tokens`` random tokens) and say so otherwise.
 
 Exit codes: 0 every section ok (or warn); 1 the factory raised; 2 usage or configuration error
-(bad MODULE:FACTORY, bad config, unknown role in an override, an ambiguous ``auto`` preset);
-3 a section failed (a weight matrix without a role, or one of Takase's conditions broken).
+(bad MODULE:FACTORY, bad config, unknown role in an override, an ambiguous ``auto`` preset, a bad
+``--loss`` or ``--input-shape``); 3 a section failed (a weight matrix without a role, a block
+without attention while the probes are on, or one of Takase's conditions broken); 4 the model
+could not be run for the numeric checks (the message says what was tried; ``--input-shape`` and
+``--loss MODULE:FUNCTION`` take over where the calling convention cannot be guessed).
 """
 
 from __future__ import annotations
@@ -42,11 +45,14 @@ __all__ = [
     "run_audit",
 ]
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_FAILED, EXIT_MODEL = 0, 1, 2, 3, 4
 AUDIT_EPILOG = (
     "exit codes: 0 every check passed or only warned; 1 FACTORY() raised; "
-    "2 usage or configuration error (bad MODULE:FACTORY, bad config or override, ambiguous 'auto' preset); "
-    "3 a check failed (a weight matrix without a role, or one of Takase's conditions broken; the fix is printed)"
+    "2 usage or configuration error (bad MODULE:FACTORY, bad config or override, ambiguous 'auto' preset, "
+    "bad --loss or --input-shape); "
+    "3 a check failed (a weight matrix without a role, a block without attention while probes are on, or one of "
+    "Takase's conditions broken; the fix is printed); "
+    "4 the model could not be run for the numeric checks (pass --input-shape or --loss)"
 )
 STATUSES = ("skipped", "ok", "warn", "fail")  # report status: the worst
 
@@ -90,6 +96,8 @@ class AuditContext:
     adam_eps: float = 1e-8
     measured: Any = None  # per layer, the normalisation inputs' std (sentinel.audit_checks)
     skip: tuple[str, ...] = ()  # numeric checks not to run
+    input_shape: tuple[int, int] | None = None  # --input-shape: batch, sequence of the numeric checks' pass
+    loss_hook: Any = None  # --loss: loss_hook(model, ids) -> scalar loss
 
 
 @dataclass
@@ -145,11 +153,12 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 def roles_section(ctx: AuditContext) -> Section:
     """Roles of every parameter: fails when a weight matrix (dim >= 2) has no role."""
+    from sentinel.role_report import find_gaps, overrides_snippet
     from sentinel.roles import VECTOR_ROLES, assign_roles
 
     section = ctx.config.roles
     preset = ctx.preset or section.preset
-    rm = assign_roles(ctx.model, preset=preset, overrides=section.overrides)
+    rm = assign_roles(ctx.model, preset=preset, overrides=section.overrides, structure=section.structure)
     ctx.roles = rm
     lines = []
     scores = ", ".join(f"{name} {n}" for name, n in sorted(rm.preset_scores.items(), key=lambda kv: -kv[1]))
@@ -199,18 +208,50 @@ def roles_section(ctx: AuditContext) -> Section:
     if rm.unassigned:
         lines.append(f"unassigned matrices ({len(rm.unassigned)}):")
         lines += [f"  {n}  {'x'.join(str(s) for s in rm.shapes[n])}" for n in rm.unassigned]
-        lines.append("  give them a role with roles.overrides (regex: role) in the config, or pick another --preset")
+        lines.append("  give them a role with roles.overrides (regex: role) in the config, or pick another --preset;")
+        lines.append("  ready to paste into the sentinel config (check each role):")
+        lines += ["    " + line for line in overrides_snippet(rm.unassigned).splitlines()]
     else:
         lines.append("unassigned matrices: none")
     lines += [f"note: {n}" for n in rm.notes]
+    gaps = find_gaps(rm, ctx.config)
+    lines += _structure_lines(rm)
+    if gaps.blocks_without_attention:
+        lines.append(f"blocks where no attention was found ({len(gaps.blocks_without_attention)}):")
+        lines += [f"  {b}" for b in gaps.blocks_without_attention]
+    if gaps.any and gaps.features_off:
+        lines.append("off because of it: " + "; ".join(gaps.features_off))
 
     n_matrices = len(rm.matrices)
+    data = rm.to_dict()
+    data["blocks_without_attention"] = gaps.blocks_without_attention
+    probes_on = ctx.config.probes.enabled
     if rm.unassigned:
         status, summary = "fail", f"{len(rm.unassigned)} of {n_matrices} weight matrices have no role"
+    elif gaps.blocks_without_attention:
+        status = "fail" if probes_on else "warn"
+        summary = f"{len(gaps.blocks_without_attention)} blocks without a found attention" + (
+            ": the configured attention-logit probe cannot run there" if probes_on else ""
+        )
     else:
         status = "warn" if rm.notes else "ok"
         summary = f"all {n_matrices} weight matrices have a role (preset {rm.preset})"
-    return Section("roles", status, summary, lines, rm.to_dict())
+    return Section("roles", status, summary, lines, data)
+
+
+def _structure_lines(rm: Any) -> list[str]:
+    st = rm.structure
+    if st is None:
+        return ["structure: not traced (the model has no forward); roles from the parameter names"]
+    if st.error is not None:
+        return [f"structure: not traced ({st.error}); roles from the parameter names"]
+    kinds = sorted({a.kind for a in st.attentions})
+    by_structure = sum(1 for n in rm.matrices if n in st.roles)
+    shape = "x".join(map(str, st.tokens))
+    return [
+        f"structure: one traced forward on {shape} tokens: {len(st.attentions)} attention calls "
+        f"({', '.join(kinds) or 'none'}), {by_structure} of {len(rm.matrices)} matrices placed by the dataflow"
+    ]
 
 
 #: the report's sections, in order; later checks append theirs
@@ -292,6 +333,8 @@ def audit_model(
     tokens: int = 16,
     adam_eps: float = 1e-8,
     skip: tuple[str, ...] = (),
+    input_shape: tuple[int, int] | None = None,
+    loss_hook: Any = None,
 ) -> AuditReport:
     """Run every section of :data:`SECTIONS` on ``model`` and return the report."""
     from sentinel.config import load_config
@@ -305,6 +348,8 @@ def audit_model(
         tokens=tokens,
         adam_eps=adam_eps,
         skip=tuple(skip),
+        input_shape=input_shape,
+        loss_hook=loss_hook,
     )
     sections = [fn(ctx) for fn in SECTIONS]
     params = {id(p): p for p in model.parameters()}.values()
@@ -361,17 +406,43 @@ def add_audit_parser(sub: Any) -> argparse.ArgumentParser:
         choices=("takase", "wesar", "eps"),
         help="a numeric check not to run (repeatable); skipping eps avoids the backward pass and its memory",
     )
+    parser.add_argument(
+        "--input-shape",
+        type=_input_shape,
+        default=None,
+        metavar="B,T",
+        help="batch and sequence length of the numeric checks' token ids (default 1,--tokens)",
+    )
+    parser.add_argument(
+        "--loss",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="FUNCTION(model, ids) returning the scalar loss, for models whose calling convention the audit "
+        "cannot guess (default: the model's own loss with targets=/labels=, else cross-entropy of its logits)",
+    )
     parser.set_defaults(func=run_audit)
     return parser
+
+
+def _input_shape(text: str) -> tuple[int, int]:
+    try:
+        batch, seq = (int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not B,T (two positive integers, e.g. 2,64)") from None
+    if batch < 1 or seq < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch and sequence length must be at least 1")
+    return batch, seq
 
 
 def run_audit(args: argparse.Namespace) -> int:
     from agent.typedconfig import ConfigError
     from sentinel.config import load_config
+    from sentinel.model_call import ModelCallError
 
     try:
         config = load_config(args.config)
         factory = load_factory(args.target)
+        loss_hook = load_factory(args.loss) if getattr(args, "loss", None) else None
         model = build_model(factory, meta=not args.no_meta)
         report = audit_model(
             model,
@@ -382,12 +453,25 @@ def run_audit(args: argparse.Namespace) -> int:
             tokens=args.tokens,
             adam_eps=args.adam_eps,
             skip=tuple(args.skip),
+            input_shape=getattr(args, "input_shape", None),
+            loss_hook=loss_hook,
         )
     except (ConfigError, AuditUsageError) as exc:
         print(f"sentinel audit: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except FactoryError as exc:
         print(f"sentinel audit: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except ModelCallError as exc:
+        print(
+            f"sentinel audit: the numeric checks could not run the model: {exc}\n"
+            "  fix: --input-shape B,T for the token ids it expects, or --loss MODULE:FUNCTION with "
+            "FUNCTION(model, ids) returning the scalar loss; or --skip takase --skip wesar --skip eps",
+            file=sys.stderr,
+        )
+        return EXIT_MODEL
+    except Exception as exc:  # never a traceback: say what failed and where
+        print(f"sentinel audit: {type(exc).__name__}: {exc} (an unexpected error; please report it)", file=sys.stderr)
         return EXIT_RUNTIME
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

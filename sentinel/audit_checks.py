@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from sentinel.audit import AuditContext, Section, _table
+from sentinel.model_call import ModelCallError, forward_loss
 from sentinel.probes.bounds import attention_bound, ffn_bound, jz_estimate
 
 MIN_SHORTCUT_STD = 0.3
@@ -63,12 +64,19 @@ def _norm_owners(ctx: AuditContext) -> dict[int, list[torch.nn.Module]]:
 
 def _tokens(ctx: AuditContext) -> torch.Tensor:
     emb = ctx.roles.names("embedding")
-    vocab = dict(ctx.model.named_parameters())[emb[0]].shape[0] if emb else 256
-    n = ctx.tokens
-    for name in ctx.roles.names("pos_embedding"):
-        n = min(n, dict(ctx.model.named_parameters())[name].shape[0])
+    rows = [m.num_embeddings for m in ctx.model.modules() if isinstance(m, torch.nn.Embedding)]
+    vocab = dict(ctx.model.named_parameters())[emb[0]].shape[0] if emb else min([256, *rows])
+    if ctx.input_shape is None:  # the shortest position table bounds the sequence
+        n_pos = [m.num_embeddings for m in ctx.model.modules() if isinstance(m, torch.nn.Embedding)]
+        ctx_len = min([ctx.tokens, *[r for r in n_pos if r < vocab]]) if n_pos else ctx.tokens
+    else:
+        ctx_len = ctx.input_shape[1]
+    batch, n = ctx.input_shape or (1, ctx_len)
+    if ctx.input_shape is None:
+        for name in ctx.roles.names("pos_embedding"):
+            n = min(n, dict(ctx.model.named_parameters())[name].shape[0])
     device = next(ctx.model.parameters()).device
-    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0)).to(device)
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def _forward(ctx: AuditContext, backward: bool) -> dict[int, list[float]]:
@@ -89,10 +97,16 @@ def _forward(ctx: AuditContext, backward: bool) -> dict[int, list[float]]:
     ids = _tokens(ctx)
     try:
         with torch.set_grad_enabled(backward):
-            out = ctx.model(ids)
-            logits = out[0] if isinstance(out, tuple) else getattr(out, "logits", out)
-            if backward:
-                torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), ids.flatten()).backward()
+            try:
+                loss = forward_loss(ctx.model, ids, ctx.loss_hook)
+                if backward:
+                    loss.float().backward()
+            except ModelCallError:
+                raise
+            except Exception as exc:
+                raise ModelCallError(
+                    f"one forward/backward on token ids of shape {tuple(ids.shape)} raised {type(exc).__name__}: {exc}"
+                ) from exc
     finally:
         for h in hooks:
             h.remove()
@@ -114,7 +128,7 @@ def takase_section(ctx: AuditContext) -> Section:
         if role.layer is not None and role.is_matrix:
             by_layer.setdefault(role.layer, {}).setdefault(role.role, []).append(params[name])
     measured = _forward(ctx, backward=False)
-    seq = ctx.tokens
+    seq = ctx.input_shape[1] if ctx.input_shape else ctx.tokens
     sigma_small = math.sqrt(2.0 / (5.0 * d))
     limit = SMALL_SUBLAYER_SLACK * sigma_small / math.sqrt(2.0 * n_layers)
     rows = [("layer", "σx", "σx′", "σ1", "σ2", "σO", "FFN bound (15)", "attn bound (20)")]

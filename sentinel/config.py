@@ -90,8 +90,16 @@ class RolesConfig:
     overrides: dict[str, str] = option(
         {},
         doc=(
-            "Regex (full match on the parameter name) to role, applied after the preset; roles: embedding, "
-            "pos_embedding, q, k, v, qkv, o, up, gate, gate_up, down, head, norm, bias."
+            "Regex (full match on the parameter name) to role, applied after the preset and the structure; "
+            "roles: embedding, pos_embedding, q, k, v, qkv, o, up, gate, gate_up, down, router, head, norm, bias."
+        ),
+    )
+    structure: bool = option(
+        True,
+        doc=(
+            "Find roles and attention from the model's dataflow: one forward on 1x8 tokens at attach, under "
+            "no_grad in eval mode, RNG restored (docs/roles.md). Where it gives a role it wins over the preset. "
+            "false: parameter names only."
         ),
     )
 

@@ -20,329 +20,64 @@ parameter name, to role) are applied last.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from agent.typedconfig import ConfigError
+from sentinel.model_call import unwrap
+from sentinel.role_infer import Structure, infer
+from sentinel.role_names import (
+    _gate_up_parts,
+    _layer_of,
+    _lookup,
+    _match,
+    _Model,
+    _out_dim,
+    _preset_pass,
+    _qkv_parts,
+    _resolve_up,
+)
+from sentinel.role_presets import (
+    _HEADS,
+    _KV_HEADS,
+    _N_LAYERS,
+    _UP_OR_GATE_UP,
+    BLOCK_ROLES,
+    MATRIX_ROLES,
+    PRESET_CHOICES,
+    PRESET_NAMES,
+    PRESETS,
+    ROLES,
+    VECTOR_ROLES,
+    _Rule,
+)
+from sentinel.role_trace import trace
+from sentinel.role_types import FusedParts, ParamRole, RoleError, RoleMap
 
 log = logging.getLogger("sentinel")
 
 __all__ = [
+    "BLOCK_ROLES",
     "MATRIX_ROLES",
     "PRESETS",
     "PRESET_CHOICES",
+    "PRESET_NAMES",
     "ROLES",
+    "VECTOR_ROLES",
     "FusedParts",
     "ParamRole",
     "RoleError",
     "RoleMap",
+    "Structure",
     "assign_roles",
+    "trace_structure",
     "roles_from_config",
     "validate_overrides",
 ]
-
-ROLES = (
-    "embedding",
-    "pos_embedding",
-    "q",
-    "k",
-    "v",
-    "qkv",
-    "o",
-    "up",
-    "gate",
-    "gate_up",
-    "down",
-    "head",
-    "norm",
-    "bias",
-)
-VECTOR_ROLES = ("norm", "bias")
-MATRIX_ROLES = tuple(r for r in ROLES if r not in VECTOR_ROLES)
-#: roles of the matrices inside transformer blocks: these carry a layer index and count towards N
-BLOCK_ROLES = ("q", "k", "v", "qkv", "o", "up", "gate", "gate_up", "down")
-PRESET_NAMES = ("llama", "gpt2", "megatron", "te", "generic")
-PRESET_CHOICES = ("auto", *PRESET_NAMES)
-
-_UP_OR_GATE_UP = "up|gate_up"  # resolved per matrix: gated MLPs fuse gate and up into one matrix
-
-
-class RoleError(ConfigError):
-    """A bad preset or override, or an ``auto`` choice that is ambiguous."""
-
-
-# ---------------------------------------------------------------- result types
-
-
-@dataclass(frozen=True)
-class FusedParts:
-    """How a fused matrix (qkv, gate_up) splits into its parts along dimension ``dim``.
-
-    ``layout`` is ``contiguous`` (all of q, then k, then v; gate then up) or ``interleaved``
-    (Megatron and fused Transformer Engine QKV: per query group, that group's q heads, then its
-    k head, then its v head; ``groups`` is the number of groups when known).  ``sizes`` are
-    the total rows of each part (None when they cannot be inferred); ``rule`` says how they
-    were decided.
-    """
-
-    names: tuple[str, ...]
-    sizes: tuple[int, ...] | None
-    dim: int
-    layout: str
-    groups: int | None
-    rule: str
-
-    def __str__(self) -> str:
-        sizes = self.sizes or (None,) * len(self.names)
-        parts = " | ".join(f"{n} {'?' if s is None else s}" for n, s in zip(self.names, sizes))
-        groups = f" x{self.groups} groups" if self.layout == "interleaved" and self.groups else ""
-        return f"{parts} (dim {self.dim}, {self.layout}{groups})"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "names": list(self.names),
-            "sizes": None if self.sizes is None else list(self.sizes),
-            "dim": self.dim,
-            "layout": self.layout,
-            "groups": self.groups,
-            "rule": self.rule,
-        }
-
-
-@dataclass(frozen=True)
-class ParamRole:
-    """The role of one parameter (one Parameter object; tied names are ``aliases``)."""
-
-    role: str
-    layer: int | None
-    shape: tuple[int, ...]
-    fused_parts: FusedParts | None = None
-    aliases: tuple[str, ...] = ()
-    #: role each alias matched on its own (None where it matched nothing), in ``aliases`` order
-    alias_roles: tuple[str | None, ...] = ()
-    #: what assigned the role: "preset <name>: <pattern>" or "override <regex>"
-    source: str = ""
-
-    @property
-    def is_matrix(self) -> bool:
-        return len(self.shape) >= 2
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "role": self.role,
-            "layer": self.layer,
-            "shape": list(self.shape),
-            "fused_parts": None if self.fused_parts is None else self.fused_parts.to_dict(),
-            "aliases": list(self.aliases),
-            "alias_roles": list(self.alias_roles),
-            "source": self.source,
-        }
-
-
-@dataclass
-class RoleMap(Mapping):
-    """Parameter name -> :class:`ParamRole`, for every parameter that has a role.
-
-    Keys are the names ``model.named_parameters()`` yields (a tied parameter appears once, under
-    its first name; :meth:`get` also resolves its other names).  Matrices (dim >= 2) without a
-    role are in ``unassigned``; vectors without one in ``unassigned_vectors``.
-    """
-
-    roles: dict[str, ParamRole]
-    unassigned: list[str]
-    unassigned_vectors: list[str]
-    shapes: dict[str, tuple[int, ...]]
-    preset: str
-    #: matrices each preset assigned (only the presets that were tried: all of them under auto)
-    preset_scores: dict[str, int]
-    auto: bool
-    n_layers: int | None
-    d_model: int | None
-    d_ffn: int | None
-    n_heads: int | None
-    n_kv_heads: int | None
-    notes: list[str] = field(default_factory=list)
-    _alias: dict[str, str] = field(default_factory=dict, repr=False)
-
-    def __getitem__(self, name: str) -> ParamRole:
-        return self.roles[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.roles)
-
-    def __len__(self) -> int:
-        return len(self.roles)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        """The role of ``name``, which may also be a tied alias (e.g. ``lm_head.weight``)."""
-        return self.roles.get(self._alias.get(name, name), default)
-
-    def names(self, role: str) -> list[str]:
-        """Parameter names with ``role``, in model order."""
-        if role not in ROLES:
-            raise RoleError(f"unknown role {role!r}; allowed roles: {', '.join(ROLES)}")
-        return [n for n, r in self.roles.items() if r.role == role]
-
-    def role_by_name(self) -> dict[str, str]:
-        """``{parameter name: role}`` for every name with a role, tied aliases included."""
-        out = {name: r.role for name, r in self.roles.items()}
-        out.update({name: self.roles[canon].role for name, canon in self._alias.items() if canon in self.roles})
-        return out
-
-    @property
-    def matrices(self) -> list[str]:
-        """Every matrix (dim >= 2), assigned or not, in model order."""
-        return [n for n, s in self.shapes.items() if len(s) >= 2]
-
-    @property
-    def complete(self) -> bool:
-        """True when every matrix has a role."""
-        return not self.unassigned
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "preset": self.preset,
-            "auto": self.auto,
-            "preset_scores": dict(self.preset_scores),
-            "n_layers": self.n_layers,
-            "d_model": self.d_model,
-            "d_ffn": self.d_ffn,
-            "n_heads": self.n_heads,
-            "n_kv_heads": self.n_kv_heads,
-            "parameters": {n: r.to_dict() for n, r in self.roles.items()},
-            "unassigned": list(self.unassigned),
-            "unassigned_vectors": list(self.unassigned_vectors),
-            "notes": list(self.notes),
-        }
-
-
-# ---------------------------------------------------------------- presets
-
-
-@dataclass(frozen=True)
-class _Rule:
-    pattern: re.Pattern
-    role: str  # a role, or _UP_OR_GATE_UP
-    matrix: bool  # applies to matrices (dim >= 2) if True, else to vectors (dim < 2)
-    layout: str = "contiguous"  # qkv layout
-    partner: tuple[str, str] | None = None  # (regex, replacement): the name of the down matrix
-
-
-def _m(pattern: str, role: str, **kw: Any) -> _Rule:
-    return _Rule(re.compile(pattern), role, True, **kw)
-
-
-def _v(pattern: str, role: str) -> _Rule:
-    return _Rule(re.compile(pattern), role, False)
-
-
-_P = r"(?:^|\.)"  # start of a path component
-
-#: names every preset knows, tried after the preset's own rules
-_COMMON = (
-    _m(
-        _P + r"(?:embed_tokens|tok_embeddings|wte|word_embeddings|token_embedding|token_embeddings)\.weight$",
-        "embedding",
-    ),
-    _m(_P + r"(?:wpe|position_embeddings|pos_embedding|pos_embeddings|pos_emb)\.weight$", "pos_embedding"),
-    _m(_P + r"(?:lm_head|output_layer)\.weight$", "head"),
-    _v(_P + r"(?:[^.]*norm[^.]*|ln_[^.]*|ln\d*)\.(?:weight|bias)$", "norm"),
-    _v(r"(?:^|\.)layer_norm_(?:weight|bias)$", "norm"),
-    _v(r"(?:^|[._])bias$", "bias"),
-)
-
-_PRESET_RULES: dict[str, tuple[_Rule, ...]] = {
-    "llama": (
-        _m(_P + r"embed_tokens\.weight$", "embedding"),
-        _m(_P + r"q_proj\.weight$", "q"),
-        _m(_P + r"k_proj\.weight$", "k"),
-        _m(_P + r"v_proj\.weight$", "v"),
-        _m(_P + r"qkv_proj\.weight$", "qkv"),  # Phi-3 style fused QKV
-        _m(_P + r"o_proj\.weight$", "o"),
-        _m(_P + r"gate_proj\.weight$", "gate"),
-        _m(_P + r"up_proj\.weight$", "up"),
-        _m(_P + r"gate_up_proj\.weight$", "gate_up"),  # Phi-3 style fused gate/up
-        _m(_P + r"down_proj\.weight$", "down"),
-        _m(_P + r"lm_head\.weight$", "head"),
-        _v(_P + r"[^.]*norm[^.]*\.(?:weight|bias)$", "norm"),
-    ),
-    "gpt2": (
-        _m(_P + r"wte\.weight$", "embedding"),
-        _m(_P + r"wpe\.weight$", "pos_embedding"),
-        _m(_P + r"attn\.c_attn\.weight$", "qkv"),
-        _m(_P + r"attn\.c_proj\.weight$", "o"),
-        _m(_P + r"mlp\.c_fc\.weight$", "up"),
-        _m(_P + r"mlp\.c_proj\.weight$", "down"),
-        _m(_P + r"lm_head\.weight$", "head"),
-        _v(_P + r"ln_[^.]*\.(?:weight|bias)$", "norm"),
-    ),
-    "megatron": (
-        _m(_P + r"word_embeddings\.weight$", "embedding"),
-        _m(_P + r"position_embeddings\.weight$", "pos_embedding"),
-        _m(_P + r"self_attention\.query_key_value\.weight$", "qkv", layout="interleaved"),
-        _m(_P + r"self_attention\.dense\.weight$", "o"),
-        _m(
-            _P + r"mlp\.dense_h_to_4h\.weight$",
-            _UP_OR_GATE_UP,
-            partner=(r"dense_h_to_4h\.weight$", "dense_4h_to_h.weight"),
-        ),
-        _m(_P + r"mlp\.dense_4h_to_h\.weight$", "down"),
-        # Megatron-Core names
-        _m(_P + r"self_attention\.linear_qkv\.weight$", "qkv", layout="interleaved"),
-        _m(_P + r"self_attention\.linear_proj\.weight$", "o"),
-        _m(
-            _P + r"mlp\.linear_fc1\.weight$",
-            _UP_OR_GATE_UP,
-            partner=(r"linear_fc1\.weight$", "linear_fc2.weight"),
-        ),
-        _m(_P + r"mlp\.linear_fc2\.weight$", "down"),
-        _m(_P + r"output_layer\.weight$", "head"),
-        _v(_P + r"[^.]*layernorm[^.]*\.(?:weight|bias)$", "norm"),
-    ),
-    "te": (
-        # te.TransformerLayer -> self_attention (MultiheadAttention) -> layernorm_qkv (LayerNormLinear)
-        # or qkv (Linear); fuse_qkv_params=False (TE's default) splits it into query/key/value_weight
-        _m(_P + r"(?:layernorm_qkv|qkv)\.weight$", "qkv", layout="te"),
-        _m(_P + r"(?:layernorm_qkv|qkv|layernorm_query|query_layer)\.query_weight$", "q"),
-        _m(_P + r"(?:layernorm_qkv|qkv|key_value)\.key_weight$", "k"),
-        _m(_P + r"(?:layernorm_qkv|qkv|key_value)\.value_weight$", "v"),
-        _m(_P + r"(?:layernorm_query|query_layer)\.weight$", "q"),  # cross attention (inter_attention)
-        _m(_P + r"(?:self_attention|inter_attention)\.proj\.weight$", "o"),
-        # te.LayerNormMLP (layernorm_mlp in a TransformerLayer)
-        _m(r"(?:^|\.)fc1_weight$", _UP_OR_GATE_UP, partner=(r"fc1_weight$", "fc2_weight")),
-        _m(r"(?:^|\.)fc2_weight$", "down"),
-        _v(r"(?:^|\.)layer_norm_(?:weight|bias)$", "norm"),
-        _v(r"(?:^|\.)(?:fc1|fc2|query|key|value)_bias$", "bias"),
-    ),
-    "generic": (),
-}
-
-#: preset name -> the rules it tries, in order (its own, then the common names)
-PRESETS: dict[str, tuple[_Rule, ...]] = {name: rules + _COMMON for name, rules in _PRESET_RULES.items()}
-
-_LAYER = re.compile(r"(?:^|\.)(\d+)\.")
-
-# attribute names (on a module, or on its .config / .cfg / .args) that reveal the architecture
-_HEADS = ("num_attention_heads_per_partition", "num_attention_heads", "num_heads", "n_head", "n_heads")
-_KV_HEADS = (
-    "num_gqa_groups_per_partition",
-    "num_query_groups_per_partition",
-    "num_gqa_groups",
-    "num_query_groups",
-    "num_key_value_heads",
-    "num_kv_heads",
-    "n_kv_head",
-    "n_kv_heads",
-)
-_HEAD_DIM = ("hidden_size_per_attention_head", "head_dim", "kv_channels")
-_N_LAYERS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
-_GATED_FLAGS = ("gated_linear_unit", "swiglu", "glu", "gated")
-_ACTIVATION = ("activation", "hidden_act", "activation_function")
 
 
 # ---------------------------------------------------------------- helpers
@@ -365,185 +100,6 @@ def validate_overrides(overrides: Mapping[str, str] | None, key: str = "override
         except re.error as exc:
             raise RoleError(f"{key}: {pattern!r} is not a valid regular expression: {exc}") from None
     return compiled
-
-
-def _layer_of(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
-
-
-def _out_dim(module: torch.nn.Module | None) -> int:
-    """The output dimension of a module's weight: 0 for nn.Linear (out, in), 1 for HF's Conv1D (in, out)."""
-    return 1 if module is not None and type(module).__name__ == "Conv1D" else 0
-
-
-def _lookup(objs: list[Any], names: tuple[str, ...], kind: type = int) -> Any:
-    """The first attribute among ``names`` found on an object of ``objs`` (or its config/cfg/args)."""
-    for obj in objs:
-        if obj is None:
-            continue
-        holders = [obj] + [getattr(obj, sub, None) for sub in ("config", "cfg", "args")]
-        for holder in holders:
-            if holder is None:
-                continue
-            for attr in names:
-                value = getattr(holder, attr, None)
-                if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-                    return value
-    return None
-
-
-class _Model:
-    """Names, shapes and module context of a model's parameters."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.modules = dict(model.named_modules(remove_duplicate=False))
-        groups: dict[int, list[str]] = {}
-        self.params: dict[str, torch.nn.Parameter] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            groups.setdefault(id(p), []).append(name)
-            self.params[name] = p
-        # canonical name (first, as model.named_parameters() yields it) -> all names
-        self.groups = {names[0]: names for names in groups.values()}
-        self.shapes = {names[0]: tuple(self.params[names[0]].shape) for names in groups.values()}
-
-    def module_of(self, name: str) -> torch.nn.Module | None:
-        return self.modules.get(name.rpartition(".")[0])
-
-    def chain(self, name: str) -> list[torch.nn.Module]:
-        """The module owning ``name``, its parents, up to the root."""
-        path, out = name.rpartition(".")[0], []
-        while True:
-            if path in self.modules:
-                out.append(self.modules[path])
-            if not path:
-                return out
-            path = path.rpartition(".")[0]
-
-    def shape(self, name: str) -> tuple[int, ...] | None:
-        p = self.params.get(name)
-        return None if p is None else tuple(p.shape)
-
-
-def _match(rules: tuple[_Rule, ...], name: str, is_matrix: bool) -> _Rule | None:
-    for rule in rules:
-        if rule.matrix == is_matrix and rule.pattern.search(name):
-            return rule
-    return None
-
-
-def _preset_pass(m: _Model, rules: tuple[_Rule, ...]) -> dict[str, tuple[str, _Rule, str]]:
-    """canonical name -> (role or _UP_OR_GATE_UP, rule, the name that matched) for every match."""
-    out = {}
-    for canon, names in m.groups.items():
-        is_matrix = len(m.shapes[canon]) >= 2
-        for name in names:
-            rule = _match(rules, name, is_matrix)
-            if rule is not None:
-                out[canon] = (rule.role, rule, name)
-                break
-    return out
-
-
-# ---------------------------------------------------------------- fused matrices
-
-
-def _qkv_parts(m: _Model, name: str, layout: str, d_model: int | None) -> FusedParts:
-    shape = m.shapes.get(name) or m.shape(name)
-    chain = m.chain(name)
-    dim = _out_dim(chain[0] if chain else None)
-    rows = shape[dim]
-    layout_rule = ""
-    if layout == "te":  # fused TE QKV: interleaved unless the attention module says otherwise
-        flag = _lookup(chain, ("qkv_weight_interleaved",), bool)
-        layout = "contiguous" if flag is False else "interleaved"
-        layout_rule = (
-            f"; layout from qkv_weight_interleaved={flag}"
-            if flag is not None
-            else "; layout: TE's default for fused QKV (qkv_weight_interleaved not found)"
-        )
-    heads, kv = _lookup(chain, _HEADS), _lookup(chain, _KV_HEADS)
-    head_dim = _lookup(chain, _HEAD_DIM)
-    kv = kv or heads
-    sizes, rule = None, ""
-    if heads:
-        hd = head_dim
-        if hd is None and d_model and d_model % heads == 0:
-            hd = d_model // heads
-        if hd is None and rows % (heads + 2 * kv) == 0:
-            hd = rows // (heads + 2 * kv)
-        if hd and (heads + 2 * kv) * hd == rows:
-            sizes = (heads * hd, kv * hd, kv * hd)
-            rule = f"from the head counts: {heads} query heads, {kv} key/value heads, head size {hd}"
-        else:
-            rule = f"head counts found ({heads} query, {kv} key/value) do not fit {rows} rows; "
-    if sizes is None and d_model and rows > d_model and (rows - d_model) % 2 == 0:
-        kv_rows = (rows - d_model) // 2
-        sizes = (d_model, kv_rows, kv_rows)
-        rule += f"from d={d_model}: q has d rows, k and v share the other {rows - d_model} equally"
-    elif sizes is None and rows % 3 == 0:
-        sizes = (rows // 3,) * 3
-        rule += "equal thirds (neither head counts nor d inferable)"
-    elif sizes is None:
-        rule += f"cannot split {rows} rows: no head counts, d unknown, not divisible by 3"
-    groups = None
-    if layout == "interleaved":
-        groups = kv if heads else None
-    return FusedParts(("q", "k", "v"), sizes, dim, layout, groups, rule + layout_rule)
-
-
-def _gate_up_parts(m: _Model, name: str) -> FusedParts:
-    shape = m.shapes.get(name) or m.shape(name)
-    chain = m.chain(name)
-    dim = _out_dim(chain[0] if chain else None)
-    rows = shape[dim]
-    if rows % 2:
-        return FusedParts(("gate", "up"), None, dim, "contiguous", None, f"{rows} rows cannot split in halves")
-    return FusedParts(
-        ("gate", "up"),
-        (rows // 2, rows // 2),
-        dim,
-        "contiguous",
-        None,
-        "halves, gate first (the Megatron, Transformer Engine and Phi-3 convention)",
-    )
-
-
-def _resolve_up(m: _Model, name: str, rule: _Rule, notes: list[str]) -> str:
-    """up or gate_up for an MLP input matrix (Megatron dense_h_to_4h / linear_fc1, TE fc1_weight)."""
-    chain = m.chain(name)
-    flag: bool | None = None
-    evidence = ""
-    activation = _lookup(chain[:3], _ACTIVATION, str)
-    if activation is not None:
-        act = activation.lower()
-        flag = act.endswith("glu")  # glu, geglu, reglu, swiglu, qgeglu, sreglu, clamped_swiglu; not gelu
-        evidence = f"activation {activation!r}"
-    else:
-        gated = _lookup(chain, _GATED_FLAGS, bool)
-        if gated is not None:
-            flag, evidence = gated, f"gated flag {gated}"
-    by_shape: bool | None = None
-    shape = m.shapes.get(name) or m.shape(name)
-    partner = rule.partner and re.sub(rule.partner[0], rule.partner[1], name)
-    down = m.shape(partner) if partner else None
-    if down is not None and len(down) >= 2:
-        rows = shape[_out_dim(chain[0] if chain else None)]
-        ffn = down[1 - _out_dim(m.module_of(partner))]
-        if rows == 2 * ffn:
-            by_shape = True
-        elif rows == ffn:
-            by_shape = False
-    if flag is None and by_shape is None:
-        notes.append(f"{name}: cannot tell up from gate_up (no activation, flag or down matrix); assumed up")
-        return "up"
-    if flag is not None and by_shape is not None and flag != by_shape:
-        notes.append(
-            f"{name}: {evidence} says {'gated' if flag else 'not gated'} but the shape says otherwise; using the shape"
-        )
-        return "gate_up" if by_shape else "up"
-    return "gate_up" if (flag if flag is not None else by_shape) else "up"
 
 
 # ---------------------------------------------------------------- assignment
@@ -579,22 +135,71 @@ def _choose(m: _Model) -> tuple[str, dict[str, int], list[str]]:
     return tied[0], scores, notes
 
 
-def assign_roles(model: torch.nn.Module, preset: str = "auto", overrides: Mapping[str, str] | None = None) -> RoleMap:
-    """Give every parameter of ``model`` its role, from its name (and shape, for fused matrices).
+def _has_forward(model: torch.nn.Module) -> bool:
+    root = unwrap(model)[0] or model  # torch.compile's wrapper keeps nn.Module.forward
+    return type(root).forward is not torch.nn.Module.forward
 
-    ``preset`` is one of :data:`PRESET_CHOICES`; ``auto`` tries every preset and keeps the one that
-    assigns the most matrices (``preset_scores`` has the counts), and raises :class:`RoleError`
-    when two presets tie with different roles.  ``overrides`` maps a regex (full match on a
-    parameter name, or on any of a tied parameter's names) to a role and wins over the preset.
-    Matrices no rule matched are listed in ``unassigned``: no role is ever guessed.
+
+def trace_structure(model: torch.nn.Module, m: _Model | None = None) -> Structure:
+    """The structural roles of ``model`` from one traced forward (sentinel/role_infer.py); never raises."""
+    m = m or _Model(model)
+    try:
+        return infer(trace(model), dict(m.shapes), m.groups)
+    except Exception as exc:
+        return Structure(error=f"structure analysis failed: {type(exc).__name__}: {exc}")
+
+
+def _fused_from(st: Structure, canon: str, shape: tuple[int, ...]) -> FusedParts | None:
+    f = st.fused.get(canon)
+    dim = st.out_dims.get(canon)
+    if f is None or dim is None or sum(f["sizes"]) != shape[dim]:
+        return None
+    return FusedParts(f["names"], f["sizes"], dim, f["layout"], f["groups"], f["rule"])
+
+
+def assign_roles(
+    model: torch.nn.Module,
+    preset: str = "auto",
+    overrides: Mapping[str, str] | None = None,
+    *,
+    structure: bool | Structure = True,
+) -> RoleMap:
+    """Give every parameter of ``model`` its role: from the dataflow of one traced forward, from
+    its name (and shape, for fused matrices), and from ``overrides``, in rising precedence.
+
+    ``structure`` (default True) traces one forward on 8 tokens (:func:`trace_structure`; pass a
+    :class:`Structure` to reuse one, False to use names only); where it gives a role it wins
+    over the preset (a note records any disagreement), the preset fills in the rest.  A trace
+    that fails adds a note and leaves the presets alone.  ``preset`` is one of
+    :data:`PRESET_CHOICES`; ``auto`` tries every preset and keeps the one that assigns the most
+    matrices (``preset_scores`` has the counts), and raises :class:`RoleError` when two presets
+    tie with different roles and the trace does not settle every matrix.  ``overrides`` maps a
+    regex (full match on a parameter name, or on any of a tied parameter's names) to a role and
+    wins over both.  Matrices nothing assigned are listed in ``unassigned``: no role is guessed.
     """
     if preset not in PRESET_CHOICES:
         raise RoleError(f"unknown preset {preset!r}; allowed: {', '.join(PRESET_CHOICES)}")
     compiled = validate_overrides(overrides)
     m = _Model(model)
     notes: list[str] = []
+    st: Structure | None = None
+    if isinstance(structure, Structure):
+        st = structure
+    elif structure and _has_forward(model):
+        st = trace_structure(model, m)
+    if st is not None and not st.ok:
+        notes.append(f"structure not traced ({st.error}); roles from the parameter names only")
+    struct_roles = st.roles if st is not None and st.ok else {}
+    complete = bool(struct_roles) and all(c in struct_roles for c in m.groups if len(m.shapes[c]) >= 2)
     if preset == "auto":
-        chosen, scores, notes = _choose(m)
+        try:
+            chosen, scores, notes_ = _choose(m)
+            notes += notes_
+        except RoleError as exc:
+            if not complete:
+                raise
+            chosen, scores = "generic", {}
+            notes.append(f"{exc}; the traced structure assigns every matrix, so the names are not needed")
     else:
         chosen, scores = preset, {}
     matches = _preset_pass(m, PRESETS[chosen])
@@ -607,6 +212,22 @@ def assign_roles(model: torch.nn.Module, preset: str = "auto", overrides: Mappin
         if role == _UP_OR_GATE_UP:
             role = _resolve_up(m, matched, rule, notes)
         assigned[canon] = (role, f"preset {chosen}: {rule.pattern.pattern}", rule.layout)
+    disagree = []
+    confirmed: set[str] = set()
+    for canon, role in struct_roles.items():
+        if canon not in m.groups:
+            continue
+        before = assigned.get(canon)
+        if before is not None and before[0] != role and len(m.shapes[canon]) >= 2:
+            disagree.append(f"{canon} ({before[0]} by name, {role} by structure)")
+        if before is not None and before[0] == role:
+            assigned[canon] = before
+            confirmed.add(canon)
+        elif before is None or len(m.shapes[canon]) >= 2:
+            assigned[canon] = (role, f"structure: {role} in the traced dataflow", "structure")
+            confirmed.add(canon)
+    if disagree:
+        notes.append("the dataflow overrides the name preset for " + ", ".join(disagree))
     used = set()
     for canon, names in m.groups.items():
         for pattern, regex in compiled.items():
@@ -617,6 +238,11 @@ def assign_roles(model: torch.nn.Module, preset: str = "auto", overrides: Mappin
         if pattern not in used:
             notes.append(f"override {pattern!r} matches no parameter")
             log.warning("sentinel roles: override %r matches no parameter", pattern)
+
+    def out_dim(canon: str) -> int:
+        if st is not None and canon in st.out_dims:
+            return st.out_dims[canon]
+        return _out_dim(m.module_of(canon))
 
     # architecture sizes
     d_model = None
@@ -630,14 +256,21 @@ def assign_roles(model: torch.nn.Module, preset: str = "auto", overrides: Mappin
     d_ffn = None
     for canon, (role, _, _) in assigned.items():
         shape = m.shapes[canon]
-        if len(shape) != 2 or role not in ("down", "up", "gate", "gate_up"):
+        if len(shape) not in (2, 3) or role not in ("down", "up", "gate", "gate_up"):
             continue
-        out = _out_dim(m.module_of(canon))
-        d_ffn = shape[1 - out] if role == "down" else shape[out] // (2 if role == "gate_up" else 1)
+        out = out_dim(canon)
+        in_dim = len(shape) - 1 if out != len(shape) - 1 else len(shape) - 2
+        d_ffn = shape[in_dim] if role == "down" else shape[out] // (2 if role == "gate_up" else 1)
         break
 
+    def layer_of(canon: str) -> int | None:
+        layer = _layer_of(canon)
+        if layer is None and st is not None:
+            layer = st.layers.get(canon)
+        return layer
+
     layers = sorted(
-        {_layer_of(c) for c, (r, _, _) in assigned.items() if r in BLOCK_ROLES and len(m.shapes[c]) >= 2} - {None}
+        {layer_of(c) for c, (r, _, _) in assigned.items() if r in BLOCK_ROLES and len(m.shapes[c]) >= 2} - {None}
     )
     n_layers = len(layers) or None
     if layers and layers != list(range(layers[0], layers[0] + len(layers))):
@@ -662,18 +295,27 @@ def assign_roles(model: torch.nn.Module, preset: str = "auto", overrides: Mappin
         role, source, layout = assigned[canon]
         fused = None
         if role == "qkv" and len(shape) >= 2:
-            fused = _qkv_parts(m, canon, layout, d_model)
+            fused = _qkv_parts(m, canon, "contiguous" if layout == "structure" else layout, d_model)
         elif role == "gate_up" and len(shape) >= 2:
             fused = _gate_up_parts(m, canon)
+        traced = _fused_from(st, canon, shape) if fused is not None and canon in confirmed else None
+        if traced is not None:
+            same = traced.sizes == fused.sizes and traced.names == fused.names
+            fused = dataclasses.replace(traced, rule=traced.rule + (f"; the same as {fused.rule}" if same else ""))
         alias_roles = []
         for other in names[1:]:
+            if st is not None and other in st.name_roles:
+                alias_roles.append(st.name_roles[other])
+                continue
             rule = _match(all_rules, other, len(shape) >= 2)
             alias_roles.append(None if rule is None else rule.role if rule.role != _UP_OR_GATE_UP else role)
-        layer = None if role in ("embedding", "pos_embedding", "head") else _layer_of(canon)
+        layer = None if role in ("embedding", "pos_embedding", "head") else layer_of(canon)
         roles[canon] = ParamRole(role, layer, shape, fused, tuple(names[1:]), tuple(alias_roles), source)
 
     heads = _lookup([model, *m.modules.values()], _HEADS)
     kv_heads = _lookup([model, *m.modules.values()], _KV_HEADS) if heads else None
+    if heads is None and st is not None and st.heads:
+        heads, kv_heads = st.heads, st.kv_heads
     return RoleMap(
         roles=roles,
         unassigned=unassigned,
@@ -688,6 +330,7 @@ def assign_roles(model: torch.nn.Module, preset: str = "auto", overrides: Mappin
         n_heads=heads,
         n_kv_heads=kv_heads or heads,
         notes=notes,
+        structure=st,
         _alias=alias,
     )
 
@@ -695,4 +338,6 @@ def assign_roles(model: torch.nn.Module, preset: str = "auto", overrides: Mappin
 def roles_from_config(model: torch.nn.Module, config: Any) -> RoleMap:
     """:func:`assign_roles` with ``config.roles`` (a :class:`sentinel.Config` or its ``roles`` section)."""
     section = getattr(config, "roles", config)
-    return assign_roles(model, preset=section.preset, overrides=section.overrides)
+    return assign_roles(
+        model, preset=section.preset, overrides=section.overrides, structure=getattr(section, "structure", True)
+    )

@@ -2,7 +2,7 @@
 
 Why: the agent must tell weight matrices from gains and biases, and know each matrix's role,
 whatever the model's naming style (a LayerNorm gain named ``ln1`` is no matrix).  The role map
-(sentinel/roles.py) names what its presets recognise; every other tensor still gets
+(sentinel/roles.py) names what its traced structure and presets recognise; every other tensor still gets
 ``"matrix"`` (ndim ≥ 2) or ``"vector"`` (ndim < 2), so the agent always knows that much.
 """
 

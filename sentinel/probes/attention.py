@@ -64,6 +64,7 @@ def sdpa_head_max(
     sample: int = 64,
     bottom_right: bool = False,
     mask_keeps: bool = True,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Per-head max logit of SDPA-shaped ``query [..., H, L, E]`` and ``key [..., Hk, S, E]``.
 
@@ -71,6 +72,8 @@ def sdpa_head_max(
     (query i sees keys j ≤ i; ``bottom_right`` shifts it by S − L), a boolean ``attn_mask``
     is True where attention is allowed (``mask_keeps=False`` flips that, Transformer Engine's
     convention) and a float mask is added.  Grouped-query keys are repeated across heads.
+    ``window`` (left, right) is Transformer Engine's sliding window: query i sees keys j with
+    i + S − L − left ≤ j ≤ i + S − L + right, −1 meaning unbounded on that side.
     """
     q_len, k_len, heads = query.shape[-2], key.shape[-2], query.shape[-3]
     idx = positions(q_len, sample, query.device)
@@ -83,6 +86,14 @@ def sdpa_head_max(
     if is_causal:
         shift = k_len - q_len if bottom_right else 0
         allowed = torch.arange(k_len, device=q.device)[None, :] <= (idx[:, None] + shift)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if window is not None and tuple(window) not in ((-1, -1), (-1, 0)):
+        left, right = window
+        pos = idx[:, None] + (k_len - q_len)
+        keys = torch.arange(k_len, device=q.device)[None, :]
+        allowed = torch.ones_like(keys, dtype=torch.bool) & (keys >= pos - left if left >= 0 else True)
+        if right >= 0:
+            allowed = allowed & (keys <= pos + right)
         logits = logits.masked_fill(~allowed, float("-inf"))
     if attn_mask is not None:
         m = _rows(attn_mask.detach(), idx, q_len)
@@ -177,6 +188,7 @@ def te_head_max(module: torch.nn.Module, args: tuple, kwargs: dict, sample: int)
     scale = getattr(module, "softmax_scale", None)
     if scale is None:
         scale = getattr(getattr(module, "unfused_attention", None), "softmax_scale", None)
+    window = kwargs.get("window_size") or getattr(module, "window_size", None)
     with torch.no_grad():
         per_head = sdpa_head_max(
             q,
@@ -187,5 +199,6 @@ def te_head_max(module: torch.nn.Module, args: tuple, kwargs: dict, sample: int)
             sample=sample,
             bottom_right="bottom_right" in mask_type,
             mask_keeps=False,
+            window=tuple(window) if isinstance(window, (tuple, list)) and len(window) == 2 else None,
         )
     return per_head, int(k.shape[-2])

@@ -42,7 +42,7 @@ OUTPUT_ROLE = {
 }
 _ATTN_ROLES = ("q", "k", "v", "qkv", "o")
 _MLP_ROLES = ("up", "gate", "gate_up", "down")
-_BLOCK = re.compile(r"^(.*?\d+)\.")
+_BLOCK = re.compile(r"^(.*?(?:^|\.)\d+)\.")
 
 
 @dataclass
@@ -101,6 +101,34 @@ def _is_norm_class(module: torch.nn.Module) -> bool:
     return isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or type(module).__name__.endswith("Norm")
 
 
+def _blocks_by_layer(model: torch.nn.Module, rm: RoleMap, modules: dict) -> dict[str, str]:
+    """Block module of each block matrix whose name holds no layer index (names that say nothing):
+    the deepest module holding every matrix of its (traced) layer."""
+    layers: dict[int, list[str]] = {}
+    for pname, r in rm.items():
+        if r.role in BLOCK_ROLES and r.layer is not None and _BLOCK.match(pname) is None:
+            layers.setdefault(r.layer, []).append(pname)
+    out = {}
+    for names in layers.values():
+        common = _common([n.rpartition(".")[0] for n in names])
+        if common and common in modules:
+            out.update(dict.fromkeys(names, common))
+    return out
+
+
+def _traced_attention(rm: RoleMap, modules: dict, param_block: dict[str, str]) -> dict[str, str]:
+    """Block -> the module that made its attention call in the traced forward (sentinel/role_infer.py)."""
+    st = getattr(rm, "structure", None)
+    out: dict[str, str] = {}
+    if st is None or getattr(st, "error", None) is not None:
+        return out
+    for site in st.attentions:
+        block = next((param_block[p] for p in (*site.q, *site.o) if p in param_block), None)
+        if block is not None and site.module in modules and block not in out:
+            out[block] = site.module
+    return out
+
+
 def make_plan(model: torch.nn.Module, rm: RoleMap) -> ProbePlan:
     """The modules to probe in ``model``, from its role map ``rm``."""
     modules = dict(model.named_modules())
@@ -109,6 +137,8 @@ def make_plan(model: torch.nn.Module, rm: RoleMap) -> ProbePlan:
     embeddings, heads, norm_set = [], [], set()
     notes: list[str] = []
     module_roles: dict[str, str] = {}
+    by_layer = _blocks_by_layer(model, rm, modules)
+    param_block: dict[str, str] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         role = _role_of(rm, pname)
         mod = pname.rpartition(".")[0]
@@ -124,9 +154,11 @@ def make_plan(model: torch.nn.Module, rm: RoleMap) -> ProbePlan:
         elif role in BLOCK_ROLES and p.dim() >= 2:
             linear_roles.setdefault(mod, set()).add(role)
             m = _BLOCK.match(pname)
-            if m is None or m.group(1) not in modules:
+            block = m.group(1) if m is not None and m.group(1) in modules else by_layer.get(pname)
+            if block is None:
                 continue
-            b = blocks.setdefault(m.group(1), BlockPlan(m.group(1)))
+            param_block[pname] = block
+            b = blocks.setdefault(block, BlockPlan(block))
             group = {"o": b.o, "down": b.fc2}.get(role, b.qkv if role in _ATTN_ROLES else b.fc1)
             group.append(pname)
     for name, module in modules.items():
@@ -136,10 +168,14 @@ def make_plan(model: torch.nn.Module, rm: RoleMap) -> ProbePlan:
     for mod, roles in linear_roles.items():
         module_roles[mod] = next(r for r in OUTPUT_ROLE if r in roles)
         linears[mod] = OUTPUT_ROLE[module_roles[mod]]
+    traced = _traced_attention(rm, modules, param_block)
     attentions = {}
     for b in blocks.values():
         attn = [n.rpartition(".")[0] for n in b.qkv + b.o]
-        if b.qkv and b.o:
+        if b.name in traced:
+            b.attention = traced[b.name]
+            attentions[b.attention] = b.name
+        elif b.qkv and b.o:
             b.attention = _common(attn)
             if b.attention in modules and b.attention.startswith(b.name):
                 attentions[b.attention] = b.name

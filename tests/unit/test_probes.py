@@ -39,13 +39,15 @@ def probe(model: torch.nn.Module, run, **kw) -> dict[str, dict[str, torch.Tensor
 
 
 def record_inputs(model: torch.nn.Module) -> tuple[dict[str, tuple], list]:
-    """Inputs (args, kwargs) of every module in the next forward, by an independent pre-hook."""
+    """Inputs (args, kwargs) of every module in the next training forward, by an independent pre-hook
+    (the role map's structural trace runs under no_grad, as an evaluation pass would)."""
     seen: dict[str, tuple] = {}
     handles = []
     for name, m in model.named_modules():
 
         def hook(mod, args, kwargs, name=name):
-            seen.setdefault(name, (tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args), kwargs))
+            if torch.is_grad_enabled():
+                seen.setdefault(name, (tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args), kwargs))
 
         handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     return seen, handles
