@@ -82,6 +82,7 @@ class Sentinel:
         self.guard: Guard | None = None
         self._ctx: StepContext | None = None
         self.publisher: Publisher | None = None
+        self._closed_counts: tuple[int, int] = (0, 0)  # the publisher's (sent, dropped) once closed
         self.lr_scheduler = lr_scheduler
         self.checkpoints: CheckpointManager | None = None
         self.control: Control | None = None
@@ -365,10 +366,11 @@ class Sentinel:
     @property
     def counters(self) -> dict[str, int]:
         pub = self.publisher
+        sent, dropped = (pub.sent, pub.dropped) if pub else self._closed_counts
         return {
             "steps": self.step,
-            "sent": pub.sent if pub else 0,
-            "dropped": pub.dropped if pub else 0,
+            "sent": sent,
+            "dropped": dropped,
             "errors": self.errors,
         }
 
@@ -382,6 +384,7 @@ class Sentinel:
             for data, (step, lay) in self._transfer.ready(wait=True):
                 self.publisher.publish(step, lay, np.asarray(data))
             self.publisher.close()
+            self._closed_counts = (self.publisher.sent, self.publisher.dropped)
             self.publisher = None
         for h in self._hooks:
             h.remove()
