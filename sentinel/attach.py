@@ -9,8 +9,6 @@ logs them once with the traceback, and turns statistics off rather than fail a s
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ from sentinel.optim import build as build_transforms
 from sentinel.probes import Probes
 from sentinel.publish import HostTransfer, Publisher
 from sentinel.row_roles import param_roles, require, role_map_or_error
+from sentinel.run_name import default_run_name
 from sentinel.stats import StatsTap, TensorStats
 from sentinel.te import Fp8CacheRefresh, is_te_module
 
@@ -62,7 +61,7 @@ class Sentinel:
         self.errors = 0
         self.events: list[dict[str, Any]] = []
         self.position = BatchPosition()
-        self.run = config.run or os.environ.get("SENTINEL_RUN") or f"run-{socket.gethostname()}-{os.getpid()}"
+        self.run = config.run or default_run_name()
         self.rank = _dist_rank()
         self._hooks: list[Any] = []
         self._sources: list[Any] = []  # extra statistics: callables returning [(Layout, packed tensor)]
