@@ -8,17 +8,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+from collections.abc import Callable
+from typing import Any
 
 EPILOG = "exit codes: 0 success, 1 runtime failure, 2 usage or configuration error"
+
+
+def _bounded(kind: type, lo: float, hi: float | None = None, what: str = "") -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` in [lo, hi]; anything else is a usage error (exit 2)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    return parse
 
 
 def _demo(args: argparse.Namespace) -> int:
     from sentinel.demo import run_demo
 
-    if args.steps < 1:
-        print("sentinel demo: --steps must be at least 1", file=sys.stderr)
-        return 2
     try:
         run_demo(
             steps=args.steps, lr=args.lr, metrics_port=args.metrics_port, seed=args.seed, inject_spike=args.inject_spike
@@ -43,11 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     demo.add_argument(
-        "--steps", type=int, default=500, help="training steps (default 500, about two minutes on 2 cores)"
+        "--steps",
+        type=_bounded(int, 1, what="a number of steps (at least 1)"),
+        default=500,
+        help="training steps (default 500, about two minutes on 2 cores)",
     )
-    demo.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    demo.add_argument("--seed", type=int, default=0, help="seed for model and data (default 0)")
-    demo.add_argument("--metrics-port", type=int, default=0, help="agent /metrics port (default 0: any free port)")
+    demo.add_argument(
+        "--lr",
+        type=_bounded(float, 1e-12, 10.0, "a learning rate in (0, 10]"),
+        default=1e-3,
+        help="peak learning rate (default 1e-3)",
+    )
+    demo.add_argument(
+        "--seed",
+        type=_bounded(int, 0, what="a seed (0 or more)"),
+        default=0,
+        help="seed for model and data (default 0)",
+    )
+    demo.add_argument(
+        "--metrics-port",
+        type=_bounded(int, 0, 65535, "a TCP port (0-65535)"),
+        default=0,
+        help="agent /metrics port (default 0: any free port)",
+    )
     demo.add_argument(
         "--inject-spike",
         action="store_true",
