@@ -17,7 +17,7 @@ from agent.config import LOG_LEVELS, load_config
 from agent.daemon import Agent, AgentStartError
 from agent.keys import KeysExistError, create_keys
 from agent.recording import RecordingError
-from agent.replay import format_decision, replay
+from agent.replay import format_decision, nothing_decided, replay
 from agent.report import command as report_command
 from agent.typedconfig import ConfigError
 
@@ -205,10 +205,15 @@ def run_replay(args: argparse.Namespace) -> int:
         _error(f"skipped a bad line: {line}")
     if len(result.skipped) > 10:
         _error(f"skipped {len(result.skipped) - 10} more bad lines")
+    shown = 0
     for d in result.decisions:
         if d.suppressed and not args.all:
             continue
         print(json.dumps(d.record(), allow_nan=False) if args.json else format_decision(d))
+        shown += 1
+    line = nothing_decided(result, shown)
+    if line is not None:
+        print(line, file=sys.stderr if args.json else sys.stdout)  # --json: stdout stays JSON lines
     return EXIT_OK
 
 
