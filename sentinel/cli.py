@@ -44,6 +44,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+INIT_HEADER = """\
+sentinel.yaml: the trainer side's configuration, written by `sentinel init`.
+Every key is here with its default (leaving a key out gives the same) and why it exists.
+Use it: sentinel.attach(model, optimizer, config="sentinel.yaml"); reference: docs/configuration.md"""
+
+
+def _init(args: argparse.Namespace) -> int:
+    from agent.typedconfig import write_commented
+    from sentinel.config import Config
+
+    try:
+        done = write_commented(Config, args.path, INIT_HEADER, force=args.force)
+    except FileExistsError as exc:
+        print(f"sentinel init: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"sentinel init: cannot write {args.path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if done:
+        print(done)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sentinel", description="Trainer-side tools of llm-sentinel.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="corrupt 20 batches mid-run and watch the agent roll back to a good checkpoint and skip them",
     )
     demo.set_defaults(func=_demo)
+    init = sub.add_parser(
+        "init",
+        help="write a commented sentinel.yaml with every key, its default and why",
+        description="Write the trainer's configuration file with every key at its default, each after a comment "
+        "saying what it does and what is allowed (generated from sentinel.config, as docs/configuration.md is).",
+        epilog="exit codes: 0 written, 1 the file exists (use --force) or cannot be written, 2 usage error",
+    )
+    init.add_argument(
+        "path", nargs="?", default="sentinel.yaml", help="file to write (default sentinel.yaml; - for stdout)"
+    )
+    init.add_argument("--force", action="store_true", help="replace an existing file")
+    init.set_defaults(func=_init)
     from sentinel.audit import add_audit_parser
 
     add_audit_parser(sub)
