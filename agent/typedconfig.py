@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -181,8 +183,6 @@ def commented_yaml(cls: type, header: str, width: int = 100) -> str:
     Built from the same fields as :func:`reference_markdown`, so the file, the documentation and
     the loader cannot disagree; loading the result gives the defaults.
     """
-    import textwrap
-
     lines = [f"# {line}" if line else "#" for line in header.splitlines()] + [""]
 
     def comment(text: str, indent: str) -> None:
@@ -222,8 +222,6 @@ def write_commented(cls: type, path: str, header: str, *, force: bool = False) -
 
     Returns what was done, for the command to print; raises ``FileExistsError`` or ``OSError``.
     """
-    import sys
-
     text = commented_yaml(cls, header)
     if path == "-":
         sys.stdout.write(text)
