@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -31,9 +32,14 @@ def _bounded(kind: type, lo: float, hi: float | None = None, what: str = "") -> 
     return parse
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from sentinel.demo import run_demo
 
+    signal.signal(signal.SIGTERM, _terminate)  # stop the agent child too, as Ctrl-C does
     try:
         run_demo(
             steps=args.steps, lr=args.lr, metrics_port=args.metrics_port, seed=args.seed, inject_spike=args.inject_spike

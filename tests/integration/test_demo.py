@@ -29,3 +29,31 @@ def test_demo_rejects_bad_arguments() -> None:
         [sys.executable, "-m", "sentinel.cli", "demo", "--steps", "0"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "--steps" in result.stderr
+
+
+def test_sigterm_stops_the_demo_and_its_agent() -> None:
+    import signal
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sentinel.cli", "demo", "--steps", "500"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = proc.stdout.readline()
+        while line and "metrics at" not in line:
+            line = proc.stdout.readline()
+        url = re.search(r"metrics at (\S+)", line)[1]
+        urllib.request.urlopen(url, timeout=5).read()  # the agent is up
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 15
+    while True:  # the agent child is gone too, not left listening
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "the demo's agent outlived it"
+        time.sleep(0.2)
