@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__, grafana_push
-from agent.config import LOG_LEVELS, load_config
+from agent.config import LOG_LEVELS, AgentConfig, load_config
 from agent.daemon import Agent, AgentStartError
 from agent.keys import KeysExistError, create_keys
 from agent.recording import RecordingError
-from agent.replay import format_decision, replay
+from agent.replay import format_decision, nothing_decided, replay
 from agent.report import command as report_command
-from agent.typedconfig import ConfigError
+from agent.typedconfig import ConfigError, write_commented
 
 logger = logging.getLogger("sentinel.agent")
 
@@ -76,6 +76,18 @@ RUN_DESCRIPTION = (
 )
 
 
+INIT_HEADER = """\
+agent.yaml: the agent's configuration, written by `sentinel-agent init`.
+Every key is here with its default (leaving a key out gives the same) and why it exists.
+Use it: sentinel-agent run --config agent.yaml; reference: docs/configuration.md"""
+
+INIT_EPILOG = """exit codes:
+  0  written
+  1  the file exists (use --force) or cannot be written
+  2  usage error
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -116,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     keys.add_argument("dir", type=Path, metavar="DIR", help="directory to write the keys to (created)")
     keys.add_argument("--force", action="store_true", help="replace existing keys")
+    init = sub.add_parser(
+        "init",
+        help="write a commented agent.yaml with every key, its default and why",
+        description="Write the agent's configuration file with every key at its default, each after a comment "
+        "saying what it does and what is allowed (generated from agent.config, as docs/configuration.md is).",
+        epilog=INIT_EPILOG,
+        formatter_class=fmt,
+    )
+    init.add_argument("path", nargs="?", default="agent.yaml", help="file to write (default agent.yaml; - for stdout)")
+    init.add_argument("--force", action="store_true", help="replace an existing file")
     grafana_push.add_parser(sub, fmt)
     report_command.add_parser(sub, fmt)
     return parser
@@ -205,10 +227,29 @@ def run_replay(args: argparse.Namespace) -> int:
         _error(f"skipped a bad line: {line}")
     if len(result.skipped) > 10:
         _error(f"skipped {len(result.skipped) - 10} more bad lines")
+    shown = 0
     for d in result.decisions:
         if d.suppressed and not args.all:
             continue
         print(json.dumps(d.record(), allow_nan=False) if args.json else format_decision(d))
+        shown += 1
+    line = nothing_decided(result, shown)
+    if line is not None:
+        print(line, file=sys.stderr if args.json else sys.stdout)  # --json: stdout stays JSON lines
+    return EXIT_OK
+
+
+def run_init(args: argparse.Namespace) -> int:
+    try:
+        done = write_commented(AgentConfig, args.path, INIT_HEADER, force=args.force)
+    except FileExistsError as exc:
+        _error(f"error: {exc}")
+        return EXIT_RUNTIME
+    except OSError as exc:
+        _error(f"error: cannot write {args.path}: {exc.strerror or exc}")
+        return EXIT_RUNTIME
+    if done:
+        print(done)
     return EXIT_OK
 
 
@@ -243,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_replay(args)
     if args.command == "keys":
         return run_keys(args)
+    if args.command == "init":
+        return run_init(args)
     if args.command == "grafana":
         return grafana_push.main(args)
     if args.command == "report":

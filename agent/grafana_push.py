@@ -309,7 +309,11 @@ class Pusher:
 def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
     """The ``grafana`` command and its ``push`` action, on the agent's command line."""
     grafana = sub.add_parser(
-        "grafana", help="push dashboards and alert rules to Grafana", description=DESCRIPTION, formatter_class=formatter
+        "grafana",
+        help="push dashboards and alert rules to Grafana",
+        description=DESCRIPTION,
+        epilog=PUSH_EPILOG,
+        formatter_class=formatter,
     )
     actions = grafana.add_subparsers(dest="grafana_action", required=True, metavar="ACTION")
     push = actions.add_parser(

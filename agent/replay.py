@@ -25,6 +25,7 @@ from agent.supervisor import Supervisor
 class ReplayResult:
     decisions: list[Decision] = field(default_factory=list)
     messages: int = 0
+    steps: int = 0  # distinct (run, step) pairs replayed
     skipped: list[str] = field(default_factory=list)
 
 
@@ -38,6 +39,7 @@ def replay(paths: Sequence[str | Path], config: AgentConfig, *, events_path: str
     sup = Supervisor(config, events, clock=lambda: now[0])
     sup.keep_decisions = True
     result = ReplayResult()
+    seen: set[tuple[str, int]] = set()
     try:
         for rec in read_recording(paths, skipped=result.skipped):
             msg = rec.message
@@ -47,10 +49,21 @@ def replay(paths: Sequence[str | Path], config: AgentConfig, *, events_path: str
             pushed = history.push(msg, rec.received_at)
             sup.observe(msg, pushed.series)
             result.messages += 1
+            seen.add((msg.run, msg.step))
     finally:
         events.close()
     result.decisions = list(sup.decisions)
+    result.steps = len(seen)
     return result
+
+
+def nothing_decided(result: ReplayResult, shown: int) -> str | None:
+    """The line that says a replay decided nothing (``shown``: decisions printed), or None."""
+    if shown:
+        return None
+    held = sum(1 for d in result.decisions if d.suppressed)
+    extra = f"; {held} held back by the policy's limits (--all lists them)" if held else ""
+    return f"0 decisions over {result.steps} steps ({result.messages} messages{extra})"
 
 
 def format_decision(d: Decision) -> str:

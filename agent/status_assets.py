@@ -19,7 +19,9 @@ h1{font-size:20px;margin:6px 0}h2{font-size:16px;margin:0 0 8px}
 #summary,.updated,nav{margin:4px 0;color:#4a5263}.updated.stale{color:#b3261e;font-weight:600}
 a{color:#1a5fb4}
 .run{background:#fff;border:1px solid #d8dce3;border-radius:6px;padding:12px 14px;margin:0 0 12px}
-.run h2{display:flex;align-items:center;gap:10px;word-break:break-all}
+.run h2{display:flex;align-items:center;gap:10px;overflow-wrap:anywhere}
+.state{font-size:13px;padding:2px 8px;border-radius:10px;font-weight:600;white-space:nowrap;background:#eceef2;color:#4a5263}
+.run.quiet{background:#fbfbfc}.run.quiet dd.age{color:#7a5200}
 .risk{font-size:13px;padding:2px 8px;border-radius:10px;font-weight:600;white-space:nowrap}
 .risk-low{background:#e3f4e6;color:#1e6b2f}.risk-medium{background:#fff1cc;color:#7a5200}
 .risk-high{background:#fbdcdc;color:#a1141a}
@@ -30,12 +32,14 @@ dt{font-size:12px;color:#5d6678}dd{margin:0;font-size:17px;font-variant-numeric:
 .charts{display:flex;flex-wrap:wrap;gap:10px 16px}.chart{margin:0}
 figcaption{font-size:12px;color:#5d6678}.latest{color:#1d2330;font-weight:600}
 svg .plot{fill:#fafbfc;stroke:#d8dce3}svg .line{fill:none;stroke:#1a5fb4;stroke-width:1.6}
-svg.chart-risk .line{stroke:#c0392b}svg .dot{fill:#1a5fb4}svg.chart-risk .dot{fill:#c0392b}svg .nonfinite{stroke:#d0021b;stroke-width:1.5}
+svg.chart-risk .line{stroke:#c0392b}svg .line.abandoned{stroke:#9aa3b2;stroke-dasharray:3 2;stroke-width:1.2}
+svg .dot.abandoned{fill:#9aa3b2}svg .dot{fill:#1a5fb4}svg.chart-risk .dot{fill:#c0392b}svg .nonfinite{stroke:#d0021b;stroke-width:1.5}
 svg text{font-size:10px;fill:#5d6678;font-variant-numeric:tabular-nums}
 .notes{margin:4px 0;padding-left:18px;color:#6b5900;font-size:13px}.empty{color:#4a5263}
 table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #d8dce3}
 th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eceef2;vertical-align:top}
-th{font-size:12px;color:#5d6678;font-weight:600}td:nth-child(2){word-break:break-all}
+th{font-size:12px;color:#5d6678;font-weight:600}td:first-child{white-space:nowrap}
+td:nth-child(2){white-space:nowrap;max-width:24ch;overflow:hidden;text-overflow:ellipsis}
 tr.sev-warning td{background:#fffaeb}tr.sev-critical td{background:#fdecec}
 .forecasts{display:flex;flex-wrap:wrap;gap:10px 16px;margin-top:10px}.forecast{margin:0;width:320px}
 .forecast figcaption{display:flex;flex-wrap:wrap;gap:2px 6px;align-items:baseline}
@@ -55,7 +59,7 @@ def script(**constants: object) -> str:
 
 
 SCRIPT_BODY = """  const CHARTS = [["loss", "loss"], ["grad_norm", "grad norm"], ["risk", "risk"]];
-  const SHOWN = [["loss", "loss"], ["grad_norm", "grad norm"], ["lr", "lr"], ["step_duration_seconds", "s/step"]];
+  const SHOWN = [["loss", "loss"], ["grad_norm", "grad norm"], ["lr", "lr"], ["step_duration_seconds", "step time"]];
   const SVG = "http://www.w3.org/2000/svg";
   function el(tag, attrs, children) {
     const e = document.createElement(tag);
@@ -78,6 +82,22 @@ SCRIPT_BODY = """  const CHARTS = [["loss", "loss"], ["grad_norm", "grad norm"],
     const [m, e] = v.toExponential(3).split("e");
     return m.replace(/\\.?0+$/, "") + "e" + parseInt(e, 10);
   }
+  function fmtDuration(s) {  // status_html.fmt_duration
+    if (!isNum(s)) return fmt(s);
+    const a = Math.abs(s);
+    if (a === 0 || a >= 1) return fmt(s) + " s";
+    if (a >= 1e-4) return fmt(s * 1e3) + " ms";
+    return fmt(s * 1e6) + " \\u00b5s";
+  }
+  function fmtRanks(r) {
+    return r.length === 1 ? ["rank", String(r[0])] : ["ranks", `${r.length} (${r[0]}\\u2026${r[r.length - 1]})`];
+  }
+  function abandonedOf(steps) {  // status_html.timelines
+    const out = new Array(steps.length).fill(false);
+    let later = Infinity;
+    for (let i = steps.length - 1; i >= 0; i--) { out[i] = later <= steps[i]; later = Math.min(later, steps[i]); }
+    return out;
+  }
   function fmtTime(t) { return typeof t === "number" ? new Date(t * 1000).toISOString().slice(11, 19) : "\\u2013"; }
   function fmtAge(s) {
     if (s < 120) return Math.round(s) + " s ago";
@@ -86,9 +106,10 @@ SCRIPT_BODY = """  const CHARTS = [["loss", "loss"], ["grad_norm", "grad norm"],
   }
   function level(score) { return score >= 0.7 ? "high" : score >= 0.3 ? "medium" : "low"; }
   function isNum(v) { return typeof v === "number" && isFinite(v); }
-  function chart(name, steps, values) {
+  function chart(name, steps, values, xr) {
     const fin = values.filter(isNum);
-    let x0 = Math.min(...steps), x1 = Math.max(...steps);
+    const lo = xr ? xr[0] : Math.min(...steps), hi = xr ? xr[1] : Math.max(...steps);
+    let x0 = lo, x1 = hi;
     if (x0 === x1) { x0 -= 1; x1 += 1; }
     let y0 = 0, y1 = 1;
     if (name !== "risk" && fin.length) {
@@ -102,24 +123,27 @@ SCRIPT_BODY = """  const CHARTS = [["loss", "loss"], ["grad_norm", "grad norm"],
     svg.append(sv("rect", {class: "plot", x: LEFT, y: TOP, width: W - LEFT - RIGHT, height: H - TOP - BOTTOM}));
     svg.append(sv("text", {class: "ylabel", x: LEFT - 4, y: TOP + 9, "text-anchor": "end"}, fmt(y1)));
     svg.append(sv("text", {class: "ylabel", x: LEFT - 4, y: H - BOTTOM, "text-anchor": "end"}, fmt(y0)));
-    svg.append(sv("text", {class: "xlabel", x: LEFT, y: H - 4, "text-anchor": "start"}, String(Math.min(...steps))));
-    svg.append(sv("text", {class: "xlabel", x: W - RIGHT, y: H - 4, "text-anchor": "end"},
-                  "step " + Math.max(...steps)));
-    const segs = [[]];
+    svg.append(sv("text", {class: "xlabel", x: LEFT, y: H - 4, "text-anchor": "start"}, String(lo)));
+    svg.append(sv("text", {class: "xlabel", x: W - RIGHT, y: H - 4, "text-anchor": "end"}, "step " + hi));
+    for (const [i, s] of steps.entries()) {
+      if (!isNum(values[i])) svg.append(sv("line", {class: "nonfinite", x1: px(s), x2: px(s), y1: TOP, y2: H - BOTTOM}));
+    }
+    const old = abandonedOf(steps);
+    const segs = [{old: false, pts: []}];
     steps.forEach((s, i) => {
-      const v = values[i];
-      if (isNum(v)) segs[segs.length - 1].push(px(s) + "," + py(v));
-      else {
-        svg.append(sv("line", {class: "nonfinite", x1: px(s), x2: px(s), y1: TOP, y2: H - BOTTOM}));
-        if (segs[segs.length - 1].length) segs.push([]);
-      }
+      const v = values[i], last = segs[segs.length - 1];
+      if (last.pts.length && (!isNum(v) || old[i] !== last.old || (i > 0 && s <= steps[i - 1]))) {
+        segs.push({old: old[i], pts: []});
+      } else if (!last.pts.length) last.old = old[i];
+      if (isNum(v)) segs[segs.length - 1].pts.push(px(s) + "," + py(v));
     });
     const sparse = fin.length <= SPARSE;
     for (const seg of segs) {
-      if (seg.length > 1) svg.append(sv("polyline", {class: "line", points: seg.join(" ")}));
-      for (const point of (sparse || seg.length === 1) ? seg : []) {
+      const cls = seg.old ? " abandoned" : "";
+      if (seg.pts.length > 1) svg.append(sv("polyline", {class: "line" + cls, points: seg.pts.join(" ")}));
+      for (const point of (sparse || seg.pts.length === 1) ? seg.pts : []) {
         const [x, y] = point.split(",");
-        svg.append(sv("circle", {class: "dot", cx: x, cy: y, r: 2}));
+        svg.append(sv("circle", {class: "dot" + cls, cx: x, cy: y, r: 2}));
       }
     }
     return svg;
@@ -207,27 +231,32 @@ SCRIPT_BODY = """  const CHARTS = [["loss", "loss"], ["grad_norm", "grad norm"],
     if (run.risk) {
       h.append(el("span", {class: "risk risk-" + level(run.risk.score)}, ["risk " + fmt(run.risk.score)]));
     }
+    if (run.state === "quiet") h.append(el("span", {class: "state state-quiet", title: QUIET_TITLE}, ["stopped"]));
     const facts = [["step", "step", String(run.step)]];
-    for (const [k, label] of SHOWN) if (k in run.scalars) facts.push([k, label, fmt(run.scalars[k])]);
+    for (const [k, label] of SHOWN) {
+      if (!(k in run.scalars)) continue;
+      facts.push([k, label, k === "step_duration_seconds" ? fmtDuration(run.scalars[k]) : fmt(run.scalars[k])]);
+    }
     facts.push(["age", "last message", fmtAge(run.age_seconds)]);
-    const r = run.ranks;
-    facts.push(["ranks", "ranks", r.length > 1 ? `${r.length} (${r[0]}\\u2026${r[r.length - 1]})` : String(r[0])]);
+    facts.push(["ranks", ...fmtRanks(run.ranks)]);
     if (run.dropped) facts.push(["dropped", "dropped", String(run.dropped)]);
     const dl = el("dl", {class: "facts"},
                   facts.map(([k, label, v]) => el("div", {}, [el("dt", {}, [label]), el("dd", {class: k}, [v])])));
-    const art = el("article", {class: "run", "data-run": run.run}, [h, dl]);
+    const art = el("article", {class: run.state === "quiet" ? "run quiet" : "run", "data-run": run.run}, [h, dl]);
     if (run.risk) {
       art.append(el("p", {class: "explanation"}, [run.risk.explanation]));
       const etas = Object.entries(run.risk.etas).map(([k, v]) => `${k} \u2248 ${fmt(v)}`).join(", ");
       if (etas) art.append(el("p", {class: "etas"}, [ETA_LABEL + etas]));
     }
     if (run.charts) {
+      const all = Object.values(run.charts).flatMap(c => c.steps);
+      const xr = all.length ? [Math.min(...all), Math.max(...all)] : null;
       const figs = [];
       for (const [k, label] of CHARTS) {
         const c = run.charts[k];
         if (!c.steps.length) continue;
         const cap = el("figcaption", {}, [label + " ", el("span", {class: "latest"}, [fmt(c.values[c.values.length - 1])])]);
-        figs.push(el("figure", {class: "chart", "data-chart": k}, [cap, chart(k, c.steps, c.values)]));
+        figs.push(el("figure", {class: "chart", "data-chart": k}, [cap, chart(k, c.steps, c.values, xr)]));
       }
       art.append(el("div", {class: "charts"}, figs));
     }
@@ -238,7 +267,7 @@ SCRIPT_BODY = """  const CHARTS = [["loss", "loss"], ["grad_norm", "grad norm"],
   function eventRow(ev) {
     const sev = ev.severity === "warning" || ev.severity === "critical" ? {class: "sev-" + ev.severity} : {};
     return el("tr", sev, [fmtTime(ev.time), ev.run || "", String(ev.type), String(ev.summary)]
-      .map(t => el("td", {}, [t])));
+      .map((t, i) => el("td", i === 1 ? {title: t} : {}, [t])));
   }
   function render(doc) {
     const a = doc.agent;

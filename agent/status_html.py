@@ -22,7 +22,7 @@ POLL_MILLISECONDS = 2000
 SPARSE_POINTS = 40
 ETA_LABEL = "steps until a trend reaches its threshold: "
 CHARTS = (("loss", "loss"), ("grad_norm", "grad norm"), ("risk", "risk"))
-SHOWN_SCALARS = (("loss", "loss"), ("grad_norm", "grad norm"), ("lr", "lr"), ("step_duration_seconds", "s/step"))
+SHOWN_SCALARS = (("loss", "loss"), ("grad_norm", "grad norm"), ("lr", "lr"), ("step_duration_seconds", "step time"))
 
 
 def fmt(value: Any) -> str:
@@ -41,6 +41,41 @@ def fmt(value: Any) -> str:
         return f"{float(f'{v:.4g}'):.10g}"
     mantissa, exponent = f"{v:.3e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def fmt_duration(seconds: Any) -> str:
+    """A step time for a person: "0.628 ms", "41.2 ms", "1.27 s", "52 µs" (the script's ``fmtDuration`` matches)."""
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return fmt(seconds)
+    a = abs(seconds)
+    if a == 0 or a >= 1:
+        return f"{fmt(seconds)} s"
+    if a >= 1e-4:
+        return f"{fmt(seconds * 1e3)} ms"
+    return f"{fmt(seconds * 1e6)} µs"
+
+
+def fmt_ranks(ranks: Sequence[int]) -> tuple[str, str]:
+    """(label, value) of the ranks seen: ("rank", "0") for one, ("ranks", "4 (0…3)") for several."""
+    if len(ranks) == 1:
+        return "rank", str(ranks[0])
+    return "ranks", f"{len(ranks)} ({ranks[0]}…{ranks[-1]})"
+
+
+def timelines(steps: Sequence[int]) -> list[bool]:
+    """Per point, True when a later point went back to its step or before: the trainer rolled back
+    and the point belongs to an abandoned timeline (the script's ``abandonedOf`` matches)."""
+    out, later = [False] * len(steps), math.inf
+    for i in range(len(steps) - 1, -1, -1):
+        out[i] = later <= steps[i]
+        later = min(later, steps[i])
+    return out
+
+
+def x_range(charts: dict) -> tuple[int, int] | None:
+    """The steps every chart of a run shares, so that loss, grad norm and risk line up."""
+    xs = [s for c in charts.values() for s in c["steps"]]
+    return (min(xs), max(xs)) if xs else None
 
 
 def fmt_time(t: float | None) -> str:
@@ -72,17 +107,18 @@ def summary_line(doc: dict) -> str:
     )
 
 
+QUIET_TITLE = "no message for many step times: the run finished, paused or lost its link"
 W, H, LEFT, RIGHT, TOP, BOTTOM = 320, 120, 58, 8, 8, 18
 
 
-def chart_svg(name: str, steps: Sequence[int], values: Sequence[Any]) -> str:
-    """An inline SVG line chart; non-finite values break the line and are marked by a red rule."""
+def chart_svg(name: str, steps: Sequence[int], values: Sequence[Any], xrange: tuple[int, int] | None = None) -> str:
+    """An inline SVG line chart over ``xrange`` (default: its own steps); non-finite values break the
+    line and are marked by a red rule; a rollback breaks it too, and the abandoned timeline is drawn
+    apart (class ``abandoned``), so the restored steps are never joined to the ones they replaced."""
     xs = list(steps)
     finite = [(s, float(v)) for s, v in zip(xs, values) if isinstance(v, (int, float)) and math.isfinite(v)]
     bad = [s for s, v in zip(xs, values) if not (isinstance(v, (int, float)) and math.isfinite(v))]
-    x0, x1 = min(xs), max(xs)
-    if x0 == x1:
-        x0, x1 = x0 - 1, x1 + 1
+    x0, x1 = xrange or (min(xs), max(xs))
     if name == "risk":
         y0, y1 = 0.0, 1.0
     elif finite:
@@ -105,26 +141,33 @@ def chart_svg(name: str, steps: Sequence[int], values: Sequence[Any]) -> str:
         f'<rect class="plot" x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}"/>',
         f'<text class="ylabel" x="{LEFT - 4}" y="{TOP + 9}" text-anchor="end">{_e(fmt(y1))}</text>',
         f'<text class="ylabel" x="{LEFT - 4}" y="{H - BOTTOM}" text-anchor="end">{_e(fmt(y0))}</text>',
-        f'<text class="xlabel" x="{LEFT}" y="{H - 4}" text-anchor="start">{_e(min(xs))}</text>',
-        f'<text class="xlabel" x="{W - RIGHT}" y="{H - 4}" text-anchor="end">step {_e(max(xs))}</text>',
+        f'<text class="xlabel" x="{LEFT}" y="{H - 4}" text-anchor="start">{_e(x0)}</text>',
+        f'<text class="xlabel" x="{W - RIGHT}" y="{H - 4}" text-anchor="end">step {_e(x1)}</text>',
     ]
+    if x0 == x1:
+        x0, x1 = x0 - 1, x1 + 1
     for s in bad:
         parts.append(f'<line class="nonfinite" x1="{px(s)}" x2="{px(s)}" y1="{TOP}" y2="{H - BOTTOM}"/>')
-    segment: list[str] = []
-    segments = [segment]
-    for s, v in zip(xs, values):
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            segment.append(f"{px(s)},{py(float(v))}")
-        elif segment:
-            segment = []
-            segments.append(segment)
+    abandoned = timelines(xs)
+    segments: list[tuple[bool, list[str]]] = [(False, [])]
+    prev: int | None = None
+    for s, v, old in zip(xs, values, abandoned):
+        fine = isinstance(v, (int, float)) and math.isfinite(v)
+        if segments[-1][1] and (not fine or old != segments[-1][0] or (prev is not None and s <= prev)):
+            segments.append((old, []))
+        elif not segments[-1][1]:
+            segments[-1] = (old, [])
+        if fine:
+            segments[-1][1].append(f"{px(s)},{py(float(v))}")
+        prev = s
     sparse = len(finite) <= SPARSE_POINTS  # few samples: mark each, so a straight line is not read as data
-    for seg in segments:
+    for old, seg in segments:
+        cls = "line abandoned" if old else "line"
         if len(seg) > 1:
-            parts.append(f'<polyline class="line" points="{" ".join(seg)}"/>')
+            parts.append(f'<polyline class="{cls}" points="{" ".join(seg)}"/>')
         for point in seg if sparse or len(seg) == 1 else ():
             x, y = point.split(",")
-            parts.append(f'<circle class="dot" cx="{x}" cy="{y}" r="2"/>')
+            parts.append(f'<circle class="dot{" abandoned" if old else ""}" cx="{x}" cy="{y}" r="2"/>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -208,13 +251,15 @@ def _run_card(run: dict) -> str:
     if risk is not None:
         level = risk_level(float(risk["score"]))
         badge = f'<span class="risk risk-{level}">risk {_e(fmt(risk["score"]))}</span>'
+    if run.get("state") == "quiet":
+        badge += f'<span class="state state-quiet" title="{_e(QUIET_TITLE)}">stopped</span>'
     facts = [("step", "step", str(run["step"]))]
     for key, label in SHOWN_SCALARS:
         if key in run["scalars"]:
-            facts.append((key, label, fmt(run["scalars"][key])))
+            value = run["scalars"][key]
+            facts.append((key, label, fmt_duration(value) if key == "step_duration_seconds" else fmt(value)))
     facts.append(("age", "last message", fmt_age(float(run["age_seconds"]))))
-    ranks = run["ranks"]
-    facts.append(("ranks", "ranks", f"{len(ranks)} ({ranks[0]}…{ranks[-1]})" if len(ranks) > 1 else str(ranks[0])))
+    facts.append(("ranks", *fmt_ranks(run["ranks"])))
     if run["dropped"]:
         facts.append(("dropped", "dropped", str(run["dropped"])))
     dl = "".join(
@@ -229,21 +274,22 @@ def _run_card(run: dict) -> str:
     charts = ""
     if run["charts"] is not None:
         figures = []
+        shared = x_range(run["charts"])
         for key, label in CHARTS:
             c = run["charts"][key]
             if c["steps"]:
                 latest = fmt(c["values"][-1])
+                svg = chart_svg(key, c["steps"], c["values"], shared)
                 figures.append(
                     f'<figure class="chart" data-chart="{key}"><figcaption>{_e(label)}'
-                    f' <span class="latest">{_e(latest)}</span></figcaption>{chart_svg(key, c["steps"], c["values"])}'
-                    "</figure>"
+                    f' <span class="latest">{_e(latest)}</span></figcaption>{svg}</figure>'
                 )
         charts = f'<div class="charts">{"".join(figures)}</div>'
     shown = run.get("forecasts") or []
     forecasts = f'<div class="forecasts">{"".join(forecast_figure(f) for f in shown)}</div>' if shown else ""
     notes = "".join(f'<li class="note">{_e(n)}</li>' for n in run["notes"])
     return (
-        f'<article class="run" data-run="{_e(run["run"])}"><h2><span class="name">{_e(run["run"])}</span> {badge}</h2>'
+        f'<article class="run{" quiet" if run.get("state") == "quiet" else ""}" data-run="{_e(run["run"])}"><h2><span class="name">{_e(run["run"])}</span> {badge}</h2>'
         f'<dl class="facts">{dl}</dl>{explanation}{charts}{forecasts}'
         f"{f'<ul class=notes>{notes}</ul>' if notes else ''}</article>"
     )
@@ -257,7 +303,7 @@ def _events_rows(events: list[dict]) -> str:
         sev = ev.get("severity")
         cls = f' class="sev-{_e(sev)}"' if sev in ("warning", "critical") else ""
         rows.append(
-            f"<tr{cls}><td>{_e(fmt_time(ev.get('time')))}</td><td>{_e(ev.get('run') or '')}</td>"
+            f'<tr{cls}><td>{_e(fmt_time(ev.get("time")))}</td><td title="{_e(ev.get("run") or "")}">{_e(ev.get("run") or "")}</td>'
             f"<td>{_e(ev.get('type'))}</td><td>{_e(ev.get('summary'))}</td></tr>"
         )
     return "".join(rows)
@@ -296,5 +342,5 @@ def render_page(doc: dict, nonce: str) -> str:
 
 SCRIPT = script(
     W=W, H=H, FH=FH, LEFT=LEFT, RIGHT=RIGHT, TOP=TOP, BOTTOM=BOTTOM, POLL=POLL_MILLISECONDS, SPARSE=SPARSE_POINTS,
-    ETA_LABEL=ETA_LABEL, EXTEND=EXTEND, STRETCH=STRETCH, PAD=PAD,
+    ETA_LABEL=ETA_LABEL, QUIET_TITLE=QUIET_TITLE, EXTEND=EXTEND, STRETCH=STRETCH, PAD=PAD,
 )  # fmt: skip

@@ -42,6 +42,8 @@ CHART_POINTS = 240
 MAX_CHART_RUNS = 16
 RECENT_EVENTS = 20
 RISK_SAMPLE_SECONDS = 0.25
+QUIET_SECONDS = 10.0  # a run is "quiet" after this long without a message, and 20 of its step times
+QUIET_STEPS = 20
 
 
 class RiskTrail:
@@ -181,9 +183,13 @@ class StatusBoard:
             notes.append(
                 f"{entry['nonfinite_values']} non-finite value(s) received (NaN or ±Inf; red rules on the charts)"
             )
+        age = max(0.0, now - entry["received_at"])
+        step_time = entry["scalars"].get("step_duration_seconds")
+        step_time = float(step_time) if isinstance(step_time, (int, float)) and math.isfinite(step_time) else 0.0
         return {
             **entry,
-            "age_seconds": max(0.0, now - entry["received_at"]),
+            "age_seconds": age,
+            "state": "quiet" if age > max(QUIET_SECONDS, QUIET_STEPS * step_time) else "live",
             "risk": risk,
             "charts": charts,
             "forecasts": [] if sup is None else forecasts(sup, curves=charts is not None),

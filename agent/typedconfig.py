@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -40,7 +42,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise ConfigError(f"config file {path} does not exist (leave the config out to run on the defaults)") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
@@ -173,3 +175,59 @@ def reference_markdown(cls: type) -> str:
     for key, allowed, default, doc in reference(cls):
         lines.append(f"| `{key}` | {cell(allowed)} | `{json.dumps(default)}` | {cell(doc)} |")
     return "\n".join(lines) + "\n"
+
+
+def commented_yaml(cls: type, header: str, width: int = 100) -> str:
+    """Every key of ``cls`` as YAML with its default, each after its ``doc`` as a comment (``init``).
+
+    Built from the same fields as :func:`reference_markdown`, so the file, the documentation and
+    the loader cannot disagree; loading the result gives the defaults.
+    """
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()] + [""]
+
+    def comment(text: str, indent: str) -> None:
+        lines.extend(
+            textwrap.wrap(text, width - len(indent) - 2, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
+        )
+
+    def walk(c: type, indent: str) -> None:
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            hint, doc = hints[f.name], f.metadata.get("doc", "")
+            if dataclasses.is_dataclass(hint):
+                if not indent:
+                    lines.append("")
+                if doc:
+                    comment(doc, indent)
+                lines.append(f"{indent}{f.name}:")
+                walk(hint, indent + "  ")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            allowed = _describe(f, hint)
+            comment(f"{doc} Allowed: {allowed}." if doc else f"Allowed: {allowed}.", indent)
+            lines.append(f"{indent}{f.name}: {_yaml_value(default)}")
+
+    walk(cls, "")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_value(value: Any) -> str:
+    """One value in YAML flow style, as ``yaml.safe_load`` reads it back (4e-05 needs its '.0')."""
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10_000).strip()
+    return text.removesuffix("\n...").strip()
+
+
+def write_commented(cls: type, path: str, header: str, *, force: bool = False) -> str:
+    """Write :func:`commented_yaml` to ``path`` ('-': stdout); refuses to replace a file unless ``force``.
+
+    Returns what was done, for the command to print; raises ``FileExistsError`` or ``OSError``.
+    """
+    text = commented_yaml(cls, header)
+    if path == "-":
+        sys.stdout.write(text)
+        return ""
+    target = Path(path)
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} exists; --force replaces it")
+    target.write_text(text)
+    return f"wrote {target}: every key with its default; edit what you need, delete the rest"

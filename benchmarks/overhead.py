@@ -19,10 +19,19 @@ a registered but idle hook (returning at once) adds to each backward,
 ``grad_hooks_idle_us_per_tensor``, and what one register-and-remove costs,
 ``grad_hooks_register_remove_us_per_tensor`` (the two ways to leave an unneeded step alone);
 and what the armed hooks cost per backward of the tiny GPT, ``grad_hooks_armed_us``.
+A second model shape, nanoGPT's small configuration (2 layers, width 128: fewer FLOPs per
+tensor, so sentinel's per-tensor costs weigh more), trains bare and with sentinel in the same
+rounds: ``overhead_ratio_2x128=<sentinel/bare>``.  With ``--breakdown`` it also splits
+sentinel's per-step cost on the tiny GPT into its parts, each the minimum over repeated calls
+(the figure least disturbed by other load), in microseconds: the pre-clip gradient hooks
+(``cost_grad_hooks_us``), the per-tensor reductions after the step (``cost_reductions_us``:
+norms, √v̂, the update rebuilt from Adam's state), packing, host transfer, serialisation and
+send of the message (``cost_publish_us``), and the command poll at the step boundary
+(``cost_control_us``).
 Prints the median step time of each and its ratio to bare; the last line is
-``overhead_ratio=<sentinel/bare>``.
+``overhead_ratio=<sentinel/bare>`` (the tiny GPT).
 
-    python benchmarks/overhead.py [--rounds 6] [--steps 25] [--threads 2] [--probes 10] [--grad-hooks]
+    python benchmarks/overhead.py [--rounds 6] [--steps 25] [--threads 2] [--probes 10] [--grad-hooks] [--breakdown]
 """
 
 from __future__ import annotations
@@ -60,16 +69,20 @@ class CallbackMonitor:
             self.logged[name + ".update_ratio"] = (p.detach() - b).norm().item() / max(b.norm().item(), 1e-30)
 
 
+SECOND_SHAPE = GPTConfig(n_layer=2, n_head=4, n_embd=128)  # nanoGPT model.py, 2 layers, width 128
+
+
 class Variant:
-    def __init__(self, name: str, tc: TrainConfig, endpoint: str, probes_every: int = 10):
+    def __init__(self, name: str, tc: TrainConfig, endpoint: str, probes_every: int = 10, gpt: GPTConfig | None = None):
         self.name = name
-        self.model, self.optimizer, self.schedule, loader = make_run(tc, GPTConfig())
+        self.model, self.optimizer, self.schedule, loader = make_run(tc, gpt or GPTConfig())
         self.batches = iter(loader)
         self.times: list[float] = []
         self.sn = None
         self.cb = None
         if name == "sentinel":
-            self.sn = sentinel.attach(self.model, self.optimizer, run="overhead", publish={"endpoint": endpoint})
+            run = "overhead" if gpt is None else "overhead-2x128"
+            self.sn = sentinel.attach(self.model, self.optimizer, run=run, publish={"endpoint": endpoint})
         elif name == "probes":
             self.sn = sentinel.attach(
                 self.model,
@@ -183,6 +196,46 @@ def grad_hook_cost(reps: int = 20, per: int = 10, stand_ins: int = 2000) -> dict
     }
 
 
+def cost_breakdown(endpoint: str, reps: int = 15) -> dict[str, float]:
+    """Microseconds per statistics step of each part of sentinel's work on the tiny GPT (minima)."""
+    tc = TrainConfig(steps=4 * reps + 10, batch_size=24)
+    model, optimizer, _, loader = make_run(tc, GPTConfig())
+    sn = sentinel.attach(model, optimizer, run="overhead-breakdown", publish={"endpoint": endpoint})
+    batches = iter(loader)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times) * 1e6
+
+    def backward(armed: bool) -> None:
+        x, y = next(batches)
+        (sn.grads.arm if armed else sn.grads.disarm)()
+        model(x, y)[1].backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    x, y = next(batches)
+    model(x, y)[1].backward()
+    optimizer.step()  # Adam state exists, statistics ran once
+    sn.observe(loss=1.0)
+    out = {"grad_hooks": max(0.0, best(lambda: backward(True)) - best(lambda: backward(False)))}
+    out["reductions"] = best(lambda: sn.stats.after_step(None))
+
+    def publish() -> None:
+        sn._pending = sn.stats.after_step(None)
+        start = time.perf_counter()
+        sn._publish(time.perf_counter(), 1.0, {})
+        return time.perf_counter() - start
+
+    out["publish"] = min(publish() for _ in range(reps)) * 1e6
+    out["control"] = best(lambda: sn.control.boundary(None, None))
+    sn.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
@@ -195,6 +248,7 @@ def main() -> None:
     parser.add_argument(
         "--grad-hooks", action="store_true", help="also time the gradient hooks: armed, idle, registered and removed"
     )
+    parser.add_argument("--breakdown", action="store_true", help="also split sentinel's per-step cost into its parts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -208,6 +262,9 @@ def main() -> None:
     with AgentProcess() as agent:
         names = ("bare", "sentinel", "callback") + (("probes",) if args.probes else ())
         variants = [Variant(name, tc, agent.stats_endpoint, args.probes) for name in names]
+        variants += [
+            Variant(f"{name}-2x128", tc, agent.stats_endpoint, gpt=SECOND_SHAPE) for name in ("bare", "sentinel")
+        ]
         n = len(variants)
         for r in range(args.rounds):
             for v in variants[r % n :] + variants[: r % n]:
@@ -218,10 +275,13 @@ def main() -> None:
         for v in variants:
             if v.sn is not None:
                 v.sn.close()
+        breakdown = cost_breakdown(agent.stats_endpoint) if args.breakdown else None
         received = agent.metrics_text()
 
     bare = statistics.median(variants[0].times)
     bare_mean = statistics.fmean(variants[0].times)
+    second = [v for v in variants if v.name.endswith("-2x128")]
+    variants = [v for v in variants if v not in second]
     print(f"\n{'variant':<10} {'median step':>12} {'ratio':>7} {'mean step':>12} {'ratio':>7}")
     ratios, mean_ratios = {}, {}
     for v in variants:
@@ -234,7 +294,14 @@ def main() -> None:
         f"\nsentinel published {counters['sent']} messages, dropped {counters['dropped']}, errors {counters['errors']}"
     )
     assert "sentinel_loss" in received, "the agent never exported the run's loss"
+    small_bare = statistics.median(second[0].times)
+    small = statistics.median(second[1].times) / small_bare
+    print(
+        f"second shape, {SECOND_SHAPE.n_layer} layers, d={SECOND_SHAPE.n_embd}: bare {small_bare * 1e3:.1f} ms, "
+        f"sentinel {statistics.median(second[1].times) * 1e3:.1f} ms"
+    )
     print(f"callback_ratio={ratios['callback']:.3f}")
+    print(f"overhead_ratio_2x128={small:.3f}")
     if args.probes:
         assert "sentinel_layer_attention_logit_max" in received, "the agent never exported the probe statistics"
         print(f"probes_ratio={mean_ratios['probes']:.3f}")
@@ -249,6 +316,9 @@ def main() -> None:
         print(f"grad_hooks_idle_us_per_tensor={cost['idle_us_per_tensor']:.2f}")
         print(f"grad_hooks_register_remove_us_per_tensor={cost['register_remove_us_per_tensor']:.2f}")
         print(f"grad_hooks_armed_us={cost['armed_us']:.0f}  # {cost['params']:.0f} tensors, per backward")
+    if breakdown is not None:
+        for part, us in breakdown.items():
+            print(f"cost_{part}_us={us:.0f}  # {us / (bare * 1e6) * 100:.2f} % of the bare step")
     print(f"overhead_ratio={ratios['sentinel']:.3f}")
 
 

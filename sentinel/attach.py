@@ -9,8 +9,6 @@ logs them once with the traceback, and turns statistics off rather than fail a s
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -33,6 +31,7 @@ from sentinel.probes import Probes
 from sentinel.publish import HostTransfer, Publisher
 from sentinel.role_report import RoleGaps, find_gaps
 from sentinel.row_roles import param_roles, require, role_map_or_error
+from sentinel.run_name import default_run_name
 from sentinel.stats import StatsTap, TensorStats
 from sentinel.te import Fp8CacheRefresh, is_te_module
 
@@ -63,7 +62,7 @@ class Sentinel:
         self.errors = 0
         self.events: list[dict[str, Any]] = []
         self.position = BatchPosition()
-        self.run = config.run or os.environ.get("SENTINEL_RUN") or f"run-{socket.gethostname()}-{os.getpid()}"
+        self.run = config.run or default_run_name()
         self.rank = _dist_rank()
         self._hooks: list[Any] = []
         self._sources: list[Any] = []  # extra statistics: callables returning [(Layout, packed tensor)]
@@ -83,6 +82,7 @@ class Sentinel:
         self.guard: Guard | None = None
         self._ctx: StepContext | None = None
         self.publisher: Publisher | None = None
+        self._closed_counts: tuple[int, int] = (0, 0)  # the publisher's (sent, dropped) once closed
         self.lr_scheduler = lr_scheduler
         self.checkpoints: CheckpointManager | None = None
         self.control: Control | None = None
@@ -386,10 +386,11 @@ class Sentinel:
     @property
     def counters(self) -> dict[str, int]:
         pub = self.publisher
+        sent, dropped = (pub.sent, pub.dropped) if pub else self._closed_counts
         return {
             "steps": self.step,
-            "sent": pub.sent if pub else 0,
-            "dropped": pub.dropped if pub else 0,
+            "sent": sent,
+            "dropped": dropped,
             "errors": self.errors,
         }
 
@@ -403,6 +404,7 @@ class Sentinel:
             for data, (step, lay) in self._transfer.ready(wait=True):
                 self.publisher.publish(step, lay, np.asarray(data))
             self.publisher.close()
+            self._closed_counts = (self.publisher.sent, self.publisher.dropped)
             self.publisher = None
         for h in self._hooks:
             h.remove()

@@ -287,7 +287,9 @@ class StabiliseConfig:
 class Config:
     enabled: bool = option(True, doc="Master switch: false installs no hooks and publishes nothing.")
     run: str | None = option(
-        None, doc="Run name used as the `run` label; default: $SENTINEL_RUN or 'run-<host>-<pid>'."
+        None,
+        doc="Run name used as the `run` label; default: $SENTINEL_RUN, $TORCHELASTIC_RUN_ID, "
+        "slurm-$SLURM_JOB_ID, else the script's name (sentinel/run_name.py).",
     )
     log_level: str = option(
         "info", choices=("debug", "info", "warning", "error"), doc="Level of the 'sentinel' logger."

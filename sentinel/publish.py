@@ -2,8 +2,16 @@
 
 ZeroMQ PUSH with ``IMMEDIATE`` (queue only to connected peers), a bounded send queue
 (``SNDHWM``) and ``NOBLOCK``: when the agent is absent, dead or slower than the trainer,
-``send`` raises ``zmq.Again`` at once and the message is counted as dropped.  ``LINGER=0``
-so closing never waits for an agent.  Reconnection after an agent restart is ZeroMQ's own.
+``send`` raises ``zmq.Again`` at once and the message is counted as dropped.  Reconnection
+after an agent restart is ZeroMQ's own.
+
+The TCP connection takes a moment to settle after ``connect``, and the first messages of a run
+leave within that moment.  Until the socket monitor reports the handshake done or the
+connection refused (``SETTLE_SECONDS`` at most), a refused message is held (at most ``queue``
+of them, in order) and sent with the next one; only after that is a refusal a drop, and only
+then does the "agent not reachable" warning mean it.  ``close`` gives
+held and queued messages a bounded moment (``CLOSE_SECONDS``) to leave, so the counters a
+short run reports after ``close()`` are what the agent got.
 
 With ``publish.curve`` the socket is a CURVE client (docs/security.md).  A refused handshake
 (wrong key, or an agent without CURVE) leaves the socket with no connected peer, so with
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +36,16 @@ if TYPE_CHECKING:
     from sentinel.config import PublishConfig, PublishCurveConfig
 
 log = logging.getLogger("sentinel")
+SETTLE_SECONDS = 2.0
+CLOSE_SECONDS = 1.0
+_SETTLED = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_DISCONNECTED
+)
 
 
 def check_endpoint(config: PublishConfig) -> None:
@@ -50,7 +69,11 @@ class Publisher:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         if keys is not None:
             self._sock.curve_publickey, self._sock.curve_secretkey, self._sock.curve_serverkey = keys
+        self._monitor: zmq.Socket | None = self._sock.get_monitor_socket(_SETTLED)
         self._sock.connect(endpoint)
+        self._connected_at = time.monotonic()
+        self._queue = queue
+        self._held: deque[list[bytes]] = deque()
         self._warned = False
 
     def publish(self, step: int, layout: protocol.Layout, data: np.ndarray) -> bool:
@@ -70,22 +93,63 @@ class Publisher:
             dropped=self.dropped,
             layout=lid,
         )
+        frames = [header, raw, data.astype(protocol.DTYPE, copy=False).tobytes()]
+        if self._held and not self._flush_held():
+            return self._refused(frames)
         try:
-            self._sock.send_multipart(
-                [header, raw, data.astype(protocol.DTYPE, copy=False).tobytes()], flags=zmq.NOBLOCK
-            )
+            self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
-            self.dropped += 1
-            if not self._warned:
-                log.warning("sentinel: agent not reachable; dropping statistics (counted) until it is")
-                self._warned = True
-            return False
+            return self._refused(frames)
         self.sent += 1
         self._warned = False
         return True
 
+    def _settling(self) -> bool:
+        """True while the first connection attempt has neither succeeded nor failed."""
+        if self._monitor is None:
+            return False
+        if not self._monitor.poll(0) and time.monotonic() - self._connected_at < SETTLE_SECONDS:
+            return True
+        self._stop_monitor()
+        return False
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def _refused(self, frames: list[bytes]) -> bool:
+        if self._settling() and len(self._held) < self._queue:
+            self._held.append(frames)
+            return True
+        self.dropped += 1 + len(self._held)
+        self._held.clear()
+        if not self._warned:
+            log.warning("sentinel: agent not reachable; dropping statistics (counted) until it is")
+            self._warned = True
+        return False
+
+    def _flush_held(self) -> bool:
+        """Send the held messages in order; True once none is left."""
+        while self._held:
+            try:
+                self._sock.send_multipart(self._held[0], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            self._held.popleft()
+            self.sent += 1
+        return True
+
     def close(self) -> None:
-        self._sock.close(linger=0)
+        """Give held and queued messages up to ``CLOSE_SECONDS`` to leave, then close."""
+        deadline = time.monotonic() + CLOSE_SECONDS
+        while self._held and not self._flush_held() and time.monotonic() < deadline:
+            self._sock.poll(50, zmq.POLLOUT)
+        self.dropped += len(self._held)
+        self._held.clear()
+        self._stop_monitor()
+        self._sock.close(linger=max(0, int((deadline - time.monotonic()) * 1000)) if self.sent else 0)
         self._ctx.term()
 
 

@@ -191,21 +191,43 @@ class TensorStats:
     def _adam(self, update_l2: list[Tensor], root_v: list, below: list, root_b2: list) -> None:
         """Per chunk of Adam state: ‖√v‖ and √b2, the count of √v̂ < ε, and (reconstruct) ‖ΔW‖.
 
-        √v̂ < ε ⇔ √v < ε·√b2, counted as ‖sign(min(√v - ε·√b2, 0))‖₂²: batched ops only.
+        √v̂ < ε ⇔ √v < ε·√b2, kept as √count so that it reduces across shards like the norms.  On
+        the CPU one comparison per tensor (``count_nonzero(√v < ε·√b2)``) reads the state once; on
+        an accelerator batched ops only (‖sign(min(√v - ε·√b2, 0))‖₂), a few launches for all tensors.
         """
         for c in adam_chunks(
             self.optimizer, self.params, self.group_of, self._with_grad, self.chunk_elements, self.host_steps
         ):
             d = c.sqrt_v()
-            diff = torch._foreach_sub(d, [c.eps * r for r in c.root_b2])
-            torch._foreach_clamp_max_(diff, 0.0)
-            torch._foreach_sign_(diff)
-            for i, norm, count, r in zip(c.index, torch._foreach_norm(d), torch._foreach_norm(diff), c.root_b2):
+            counts = below_counts(d, [c.eps * r for r in c.root_b2])
+            for i, norm, count, r in zip(c.index, torch._foreach_norm(d), counts, c.root_b2):
                 root_v[i], below[i], root_b2[i] = norm, count, r
-            del diff
+            del counts
             if self.mode == "reconstruct":
                 for i, norm in zip(c.index, torch._foreach_norm(c.neg_update(d))):
                     update_l2[i] = norm
+
+
+def below_counts(d: list[Tensor], limits: list, batched: bool | None = None) -> list[Tensor]:
+    """Per tensor, √(number of elements of ``d`` below its limit), as a norm (it reduces like one).
+
+    ``batched`` (default: off the CPU) uses foreach ops, a few launches for every tensor.  On the
+    CPU each tensor's minimum is read first, and only a tensor whose minimum is below its limit
+    (in practice the embedding rows of tokens not yet seen) is counted element by element: one
+    read of the state instead of four passes over a copy of it.
+    """
+    if batched is None:
+        batched = bool(d) and d[0].device.type != "cpu"
+    if not batched:
+        zero = d[0].new_zeros(()) if d else None
+        return [
+            torch.count_nonzero(x < t).to(x.dtype).sqrt() if float(x.amin()) < float(t) else zero
+            for x, t in zip(d, limits)
+        ]
+    diff = torch._foreach_sub(d, limits)
+    torch._foreach_clamp_max_(diff, 0.0)
+    torch._foreach_sign_(diff)
+    return list(torch._foreach_norm(diff))
 
 
 def _multipliers(factors: dict[int, Any], like: Tensor) -> Tensor:

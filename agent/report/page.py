@@ -11,6 +11,7 @@ import datetime as dt
 import html
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -38,6 +39,11 @@ tr.rewind td{background:#fff8e6}td.num{text-align:right;white-space:nowrap}td.wh
 .forecasts figure{margin:8px 0}:target{outline:2px solid #d4a72c}
 .evidence{color:#57606a;font-size:11.5px;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;word-break:break-word}
 """
+
+
+def note_html(text: object) -> str:
+    """A note as HTML: escaped, with `backticked` names set as code rather than shown raw."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", esc(text))
 
 
 def esc(value: object) -> str:
@@ -129,7 +135,7 @@ class Panel:
 
     def html(self) -> str:
         if self.png is None:
-            return f'<p class="missing" data-panel="{esc(self.key)}"><b>{esc(self.title)}</b>: left out, {esc(self.note)}.</p>'
+            return f'<p class="missing" data-panel="{esc(self.key)}"><b>{esc(self.title)}</b>: left out, {note_html(self.note)}.</p>'
         data = base64.b64encode(self.png).decode()
         return (
             f'<figure data-panel="{esc(self.key)}"><img alt="{esc(self.title)}" src="data:image/png;base64,{data}">'
@@ -173,7 +179,7 @@ def forecasts_section(trends: Forecasts, anchor: str) -> str:
         parts += [forecast_figure(p, anchor) for p in trends.panels]
         parts.append("</div>")
     if trends.notes:
-        items = "".join(f"<li>{esc(n)}</li>" for n in trends.notes)
+        items = "".join(f"<li>{note_html(n)}</li>" for n in trends.notes)
         parts.append(f'<div class="missing" data-panel="forecasts"><ul>{items}</ul></div>')
     return "".join(parts)
 
@@ -219,7 +225,7 @@ def page(
             '<p class="missing">No runs found: no statistics recordings and no event records naming a run.</p>'
         )
     if data.notes:
-        items = "".join(f"<li>{esc(n)}</li>" for n in data.notes)
+        items = "".join(f"<li>{note_html(n)}</li>" for n in data.notes)
         parts.append(
             f'<div class="notes"><b>Read with notes</b> ({data.skipped_lines} line(s) left out):<ul>{items}</ul></div>'
         )

@@ -212,7 +212,7 @@ def overview(rd: RunData, marks: Marks) -> tuple[Any, str | None]:
         for s, v in abandoned:
             ax.plot(s, v, color=ABANDONED_COLOR, lw=1.0, ls="-", label="abandoned by a rollback")
         if len(ks):
-            ax.plot(ks, kv, color=KEPT_COLOR, lw=1.2, label="kept trajectory" if abandoned else name)
+            ax.plot(ks, kv, color=KEPT_COLOR, lw=1.2, label="kept trajectory" if abandoned else "_the panel's own")
         if (~finite).any():
             ax.scatter(steps[~finite], [0.5] * int((~finite).sum()), marker="x", color="#d62728", zorder=6,
                        transform=ax.get_xaxis_transform(), label="NaN / Inf value")  # fmt: skip
@@ -385,11 +385,12 @@ def risk(rd: RunData, marks: Marks) -> tuple[Any, str | None]:
         for name in predictors:
             eta = np.asarray([r["eta"].get(name, np.nan) for r in rd.risk], dtype=np.float64)
             (ks, kv), _ = segments(steps, epochs, eta)
-            ax.plot(ks, kv, marker=".", ms=3, lw=1.1, label=f"ETA {name}")
-        ax.set_yscale("symlog", linthresh=1.0)
-        ax.set_ylim(bottom=0)
-        ax.yaxis.set_major_formatter(_mpl()[2].FuncFormatter(_g))
-        ax.set_ylabel("predicted steps until\nthe limit is reached", fontsize=9)
+            if np.isfinite(kv).any():  # a predictor with no ETA on the kept timeline draws nothing: no legend line
+                ax.plot(ks, np.maximum(kv, 1.0), marker=".", ms=3, lw=1.1, label=f"ETA {name}")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=1.0)
+        plain_log_ticks(ax)
+        ax.set_ylabel("predicted steps until\nthe limit is reached\n(1: at it now)", fontsize=9)
         ax.grid(True, alpha=0.3)
     _draw_marks(list(axes), marks, detections_on=axes[0])
     axes[-1].set_xlabel("training step")

@@ -85,3 +85,23 @@ def test_replay_exit_codes(tmp_path):
     assert result.returncode == 2 and "predict.loss.z: 0" in result.stderr
     help_text = replay("--help", cwd=tmp_path).stdout
     assert "exit codes:" in help_text and "not a sentinel recording" in help_text
+
+
+def test_replay_of_a_quiet_run_says_nothing_was_decided(start_agent, tmp_path):
+    agent = start_agent()
+    with Pusher(agent.stats_endpoint) as push:
+        for step in range(50):
+            push.send(make_frames(run="quiet", step=step, scalars={"loss": 3.0 + 0.001 * (step % 5), "lr": 1e-3}))
+    agent.wait_for(lambda s: s.value("sentinel_agent_recorded_messages_total") == 50)
+    assert agent.stop() == 0
+    recording = agent.workdir / "sentinel-agent-state" / "stats-quiet.jsonl"
+    result = replay(str(recording), cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout == "0 decisions over 50 steps (50 messages)\n", result
+    as_json = replay(str(recording), "--json", cwd=tmp_path)
+    assert as_json.stdout == "" and "0 decisions over 50 steps" in as_json.stderr  # stdout stays JSON lines
+
+
+def test_grafana_help_lists_its_exit_codes(tmp_path):
+    for args in (["grafana", "--help"], ["grafana", "push", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "exit codes:" in done.stdout and "2  usage error" in done.stdout, args

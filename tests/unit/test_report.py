@@ -522,3 +522,59 @@ def test_a_far_eta_is_clipped_and_written_and_a_jump_has_no_line():
     labels = [line.get_label() for line in ax.get_lines()]
     assert "fitted line" not in labels and "limit 10000" in labels and not ax.texts
     assert ax.get_title() == "update_ratio / h.0.attn / warning"
+
+
+def _clean_run(n: int = 60):
+    from agent.report.load import RunData
+
+    rd = RunData("clean")
+    rd.steps, rd.epochs = list(range(n)), [0] * n
+    rd.scalars = {
+        "loss": [3.0 - 0.01 * s for s in range(n)],
+        "grad_norm": [1.0 + 0.1 * (s % 3) for s in range(n)],
+        "lr": [1e-3] * n,
+    }
+    return rd
+
+
+def _legend_labels(fig) -> list[str]:
+    return [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+
+
+def test_a_clean_runs_overview_has_no_legend_of_identical_lines():
+    from agent.report.marks import Marks
+
+    fig, note = plots.overview(_clean_run(), Marks())
+    assert note is None
+    labels = _legend_labels(fig)
+    assert not {"loss", "grad_norm", "lr"} & set(labels), labels  # was three blue lines named by their panel
+    assert len(labels) == len(set(labels))
+
+
+def test_the_eta_axis_is_log_without_a_zero_tick_and_lists_only_drawn_lines():
+    from agent.report.marks import Marks
+
+    rd = _clean_run()
+    rd.risk = [
+        {"step": s, "score": 0.2, "explanation": "", "eta": {"attn_logit": 400.0 / (s + 1), "update_ratio": math.nan}}
+        for s in range(0, 60, 5)
+    ]
+    fig, note = plots.risk(rd, Marks())
+    assert note is None
+    eta_ax = fig.axes[1]
+    assert eta_ax.get_yscale() == "log"
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in eta_ax.get_yticklabels() if t.get_text()]
+    assert ticks and "0" not in ticks, ticks
+    labels = _legend_labels(fig)
+    assert "ETA attn_logit" in labels and "ETA update_ratio" not in labels, labels  # nothing drawn, not listed
+
+
+def test_notes_set_backticked_names_as_code():
+    from agent.report.page import Panel, note_html
+
+    assert note_html("no `attn_logit_max` statistics <here>") == (
+        "no <code>attn_logit_max</code> statistics &lt;here&gt;"
+    )
+    html = Panel("heat", "Attention logits", "", note="no `attn_logit_max` statistics in the recordings").html()
+    assert "<code>attn_logit_max</code>" in html and "`" not in html

@@ -154,3 +154,16 @@ def test_device_step_counter_path_matches_the_host_path(name: str) -> None:
         sn.close()
     # Device counters are float32 (as in torch's fused/capturable Adam), so β^t is float32 there.
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=0)
+
+
+def test_below_eps_counts_agree_between_the_cpu_and_the_batched_paths() -> None:
+    from sentinel.stats import below_counts
+
+    g = torch.Generator().manual_seed(3)
+    d = [torch.rand(shape, generator=g) * 2e-8 for shape in ((64, 32), (17,), (5, 5, 5))]
+    limits = [1e-8, 0.5e-8, 1.5e-8]
+    expected = [float((x < float(t)).sum()) for x, t in zip(d, limits)]
+    for batched in (False, True):
+        got = [float(c) ** 2 for c in below_counts(d, limits, batched=batched)]
+        assert got == pytest.approx(expected, abs=1e-3), batched
+    assert 0 < expected[0] < d[0].numel()  # the case is not trivial

@@ -501,3 +501,22 @@ def test_event_summaries_name_what_happened() -> None:
     assert "applied at step 7" in event_summary({"type": "ack", "status": "applied", "step": 7})
     assert "held" not in event_summary({"type": "undeliverable", "action": "stop", "why": "gone"})
     assert event_summary({"type": "agent_start", "version": "0.1.0", "pid": 3}) == "agent 0.1.0 started (pid 3)"
+
+
+def test_the_server_chart_draws_a_rollback_apart_on_a_shared_range() -> None:
+    import re as _re
+
+    from agent.status_html import chart_svg, fmt_duration, fmt_ranks, timelines
+
+    steps = [*range(0, 11), *range(5, 9)]
+    values = [2.0] * 9 + [9.0, 9.0] + [2.1] * 4
+    assert timelines(steps) == [False] * 5 + [True] * 6 + [False] * 4
+    svg = chart_svg("loss", steps, values, (0, 20))
+    lines = _re.findall(r'<polyline class="([^"]+)" points="([^"]+)"', svg)
+    assert [cls for cls, _ in lines] == ["line", "line abandoned", "line"]
+    for _, points in lines:
+        xs = [float(p.split(",")[0]) for p in points.split()]
+        assert xs == sorted(xs)  # no line goes back in steps: the spike is not joined to step 5
+    assert ">step 20<" in svg and ">0<" in svg  # the run's shared range, not this chart's own
+    assert fmt_duration(6.28e-4) == "0.628 ms" and fmt_duration(1.5) == "1.5 s" and fmt_duration(5e-5) == "50 µs"
+    assert fmt_ranks([0]) == ("rank", "0") and fmt_ranks([0, 1, 2, 3]) == ("ranks", "4 (0…3)")
