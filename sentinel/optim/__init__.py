@@ -72,6 +72,7 @@ def build(
             sigma2=w.sigma2,
             gate_lr_scale=w.gate_lr_scale,
             gate_weight_decay=w.gate_weight_decay,
+            model=model,
         )
     if cfg.eps.enabled:
         e = cfg.eps

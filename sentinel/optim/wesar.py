@@ -23,6 +23,13 @@ for the matrix after the FFN activation), for hidden size d, FFN size d_ffn and 
   embedding 1;  q, k, v, qkv, up, gate, gate_up, head  √(1/d);
   o  √(1/(2N·d));  down  √(2/d_ffn)·√(1/(2N))  (= √(2/(8N·d)) for d_ffn = 4d).
 A fused matrix (qkv, gate_up) has one gate: all its parts share the same σ_target.
+
+Tied weights (GPT-2's ``wte``/``lm_head``) are found by storage, not by name: one Parameter
+under several names gets one gate, and an embedding tied to the output head takes the head's
+σ_target √(1/d), which is Table 1's He weight for W_e before the model's own embedding scaling.
+With the embedding's 1 the logits would be √d times too large (GPT-2 at d=768: first loss
+594 instead of 11).  Two distinct Parameters on one storage are refused, naming the pair: the
+W̄ ↔ W conversion would be applied to it twice.
 """
 
 from __future__ import annotations
@@ -54,6 +61,29 @@ def sigma_target(role: str, d: int, d_ffn: int, n_layers: int) -> float:
     raise ValueError(f"WeSaR has no gate for role {role!r}; gated roles: {', '.join(GATED_ROLES)}")
 
 
+def tied_names(model: torch.nn.Module | None, params: list[Tensor]) -> dict[int, list[str]]:
+    """For each of ``params`` (by index) that the model holds under more than one name, all its names.
+
+    Raises when two distinct Parameters of the model share one storage (``data_ptr``).
+    """
+    if model is None:
+        return {}
+    names: dict[int, list[str]] = {}
+    storage: dict[tuple[str, int], tuple[str, int]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        if p.device.type == "meta" or p.numel() == 0:
+            continue
+        key = (str(p.device), p.untyped_storage().data_ptr())
+        seen = storage.setdefault(key, (name, id(p)))
+        if seen[1] != id(p):
+            raise ValueError(
+                f"WeSaR: parameters {seen[0]!r} and {name!r} are distinct Parameters on one storage; tie them as one "
+                f"Parameter (e.g. `lm_head.weight = wte.weight`) or leave them out of optim.wesar"
+            )
+    return {i: names[id(p)] for i, p in enumerate(params) if len(names.get(id(p), ())) > 1}
+
+
 class WeSaR(Transform):
     name = "wesar"
 
@@ -72,6 +102,7 @@ class WeSaR(Transform):
         gate_lr_scale: float = 1.0,
         gate_weight_decay: float = 0.0,
         generator: torch.Generator | None = None,
+        model: torch.nn.Module | None = None,
     ):
         self.optimizer = optimizer
         self.sigma = math.sqrt(sigma2)
@@ -82,11 +113,21 @@ class WeSaR(Transform):
         self.names = [names[i] for i in self.index]
         if not self.params:
             raise ValueError("WeSaR found no matrix with a gated role; check the role map (`sentinel audit`)")
+        tied = tied_names(model, params)
+        self.tied = {names[i]: tied[i] for i in self.index if i in tied}
         alphas = []
         with torch.no_grad():
             for name, p in zip(self.names, self.params):
                 if init == "wesar":
-                    alpha = sigma_target(roles[name], d, d_ffn, n_layers) / self.sigma
+                    role = roles[name]
+                    if role == "embedding" and name in self.tied:
+                        role = "head"
+                        log.info(
+                            "sentinel wesar: %s is tied (%s): its gate gives the head's σ_target √(1/d)",
+                            name,
+                            ", ".join(self.tied[name]),
+                        )
+                    alpha = sigma_target(role, d, d_ffn, n_layers) / self.sigma
                     actual = torch.empty_like(p).normal_(0.0, self.sigma, generator=generator)
                     p.copy_(actual * alpha)
                 else:
