@@ -107,6 +107,8 @@ class WeSaR(Transform):
         self.optimizer = optimizer
         self.sigma = math.sqrt(sigma2)
         self.gate_lr_scale = gate_lr_scale
+        self.fused = False  # True: the module keeps W̄ through the step (sentinel/optim/fused.py)
+        self._alpha_host: list = []
         self.n_params = len(params)
         self.index = [i for i, n in enumerate(names) if roles.get(n) in GATED_ROLES and params[i].dim() >= 2]
         self.params = [params[i] for i in self.index]
@@ -156,6 +158,8 @@ class WeSaR(Transform):
         """Per gated matrix: one dot ⟨ḡ, W̄⟩ (reads ḡ and W̄), W̄ → W (one read and write of W),
         and ḡ → α·ḡ, which the chain merges with ε's scale into one multiply (base.scale_grads)."""
         alphas = host_scalars(self.gates.detach())
+        self._alpha_host = alphas
+        self._old_gates = self.gates.detach().clone()
         with_grad = [k for k, p in enumerate(self.params) if p.grad is not None]
         if with_grad:
             dots = [torch.dot(self.params[k].grad.reshape(-1), self.params[k].detach().reshape(-1)) for k in with_grad]
@@ -165,14 +169,22 @@ class WeSaR(Transform):
             scale_grads(ctx, [self.index[k] for k in with_grad], [alphas[k] for k in with_grad])
         else:
             self.gates.grad = torch.zeros_like(self.gates)
-        torch._foreach_div_([p.data for p in self.params], alphas)
+        if not self.fused:
+            torch._foreach_div_([p.data for p in self.params], alphas)
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
         self.gate_optimizer.param_groups[0]["lr"] = self._gate_lr()  # schedulers move group 0; gates follow
         self.gate_optimizer.step()
         self.gates.grad = None
-        torch._foreach_mul_([p.data for p in self.params], host_scalars(self.gates.detach()))
+        if self.fused:  # the fused step left α·W' with the old α (sentinel/optim/fused.py)
+            torch._foreach_mul_([p.data for p in self.params], host_scalars(self.gates.detach() / self._old_gates))
+        else:
+            torch._foreach_mul_([p.data for p in self.params], host_scalars(self.gates.detach()))
+
+    def alpha_by_index(self) -> dict[int, Any]:
+        """α of each gated tensor in force for the coming update, by index into the optimizer's parameters."""
+        return dict(zip(self.index, self._alpha_host))
 
     def columns(self) -> dict[str, Tensor]:
         """α per tensor; 1 for tensors without a gate (their W̄ is W)."""
