@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from sentinel.examples.tiny_gpt import GPT, GPTConfig
@@ -105,3 +107,44 @@ def test_fused_auto_with_statistics_on_keeps_the_hook_path(caplog) -> None:
     assert sn.chain.fused is None
     assert "statistics are on" in caplog.text
     sn.close()
+
+
+def _run_scaled(fused: str, steps: int, resume_from: dict | None = None, stop_after: int | None = None):
+    torch.manual_seed(0)
+    model = GPT(CFG).double()  # float32 would differ in c_attn's key bias, whose gradient is rounding noise
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    optim = {**VARIANTS["all"], "fused": fused}
+    sn = sentinel.attach(model, opt, publish={"enabled": False}, stats={"enabled": False}, optim=optim)
+    if resume_from is not None:
+        for obj, key in ((model, "model"), (opt, "opt"), (sched, "sched"), (scaler, "scaler"), (sn, "sn")):
+            obj.load_state_dict(copy.deepcopy(resume_from[key]))
+    gen = torch.Generator().manual_seed(1)
+    saved = None
+    for step in range(steps):
+        x = torch.randint(0, CFG.vocab_size, (4, CFG.block_size), generator=gen)
+        if resume_from is not None and step < resume_from["step"]:
+            continue
+        _, loss = model(x, x.roll(1, 1))
+        scaler.scale(loss * 1e-10).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        sched.step()
+        sn.observe(loss=loss)
+        if step + 1 == stop_after:
+            objs = {"model": model, "opt": opt, "sched": sched, "scaler": scaler, "sn": sn}
+            saved = {"step": stop_after, **{k: copy.deepcopy(o.state_dict()) for k, o in objs.items()}}
+    sn.close()
+    return [p.detach().clone() for p in model.parameters()], saved
+
+
+def test_fused_step_with_gradscaler_matches_the_hook_path_and_resumes_exactly() -> None:
+    fused, saved = _run_scaled("auto", 10, stop_after=5)
+    hooks, _ = _run_scaled("off", 10)
+    for a, b in zip(hooks, fused):
+        _close(b, a)
+    resumed, _ = _run_scaled("auto", 10, resume_from=saved)
+    for a, b in zip(fused, resumed):
+        assert torch.equal(a, b)
