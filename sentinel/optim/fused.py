@@ -19,7 +19,7 @@ How the user's optimizer is kept: its ``param_groups`` (LR schedulers), its ``st
 the update and sets the gradients aside, so the optimizer's own step finds nothing to do; the
 post-step hook puts them back.  Refused, with the reason logged once (the hook path then
 runs): optimizers other than torch.optim.Adam/AdamW, ``capturable``, ``differentiable``,
-sparse gradients, and statistics (they read the actual W and the proposed update on their
+sharded (DTensor) parameters, and statistics (they read the actual W and the proposed update on their
 steps, which this path does not materialise).
 """
 
@@ -47,6 +47,8 @@ def refusal(optimizer: torch.optim.Optimizer, stats: bool) -> str | None:
         for key in ("capturable", "differentiable"):
             if g.get(key, False):
                 return f"the optimizer was built with {key}=True"
+        if any(type(p).__name__ == "DTensor" for p in g["params"]):
+            return "the parameters are sharded (DTensor)"
     return None
 
 

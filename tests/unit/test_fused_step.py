@@ -99,13 +99,35 @@ def test_a_plain_adamw_loads_the_fused_runs_optimizer_state() -> None:
     assert all(s["step"].device.type == "cpu" and s["step"].dim() == 0 for s in plain.state.values())
 
 
-def test_fused_auto_with_statistics_on_keeps_the_hook_path(caplog) -> None:
+@pytest.mark.parametrize(
+    "make, stats, reason",
+    [
+        (lambda m: torch.optim.AdamW(m.parameters()), True, "statistics are on"),
+        (lambda m: torch.optim.SGD(m.parameters(), lr=1e-3), False, "not SGD"),
+        (lambda m: torch.optim.AdamW(m.parameters(), capturable=True), False, "capturable=True"),
+    ],
+    ids=["stats", "sgd", "capturable"],
+)
+def test_fused_auto_keeps_the_hook_path_where_it_cannot_run_and_says_why(
+    make, stats: bool, reason: str, caplog
+) -> None:
     model = GPT(CFG)
-    opt = torch.optim.AdamW(model.parameters())
+    opt = make(model)
     with caplog.at_level("WARNING", logger="sentinel"):
-        sn = sentinel.attach(model, opt, publish={"enabled": False}, optim={**VARIANTS["clamp"], "fused": "auto"})
+        sn = sentinel.attach(
+            model,
+            opt,
+            publish={"enabled": False},
+            stats={"enabled": stats},
+            optim={**VARIANTS["clamp"], "fused": "auto"},
+        )
     assert sn.chain.fused is None
-    assert "statistics are on" in caplog.text
+    assert reason in caplog.text
+    if reason != "capturable=True":  # torch's capturable Adam needs a device to step at all
+        model(torch.zeros(1, 4, dtype=torch.long))[0].sum().backward()
+        before = model.lm_head.weight.detach().clone()
+        opt.step()  # the optimizer's own step made the update, and the gradients are still there
+        assert not torch.equal(model.lm_head.weight, before) and model.lm_head.weight.grad is not None
     sn.close()
 
 
