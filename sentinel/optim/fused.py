@@ -19,7 +19,8 @@ How the user's optimizer is kept: its ``param_groups`` (LR schedulers), its ``st
 the update and sets the gradients aside, so the optimizer's own step finds nothing to do; the
 post-step hook puts them back.  Refused, with the reason logged once (the hook path then
 runs): optimizers other than torch.optim.Adam/AdamW, ``capturable``, ``differentiable``,
-sharded (DTensor) parameters, and statistics (they read the actual W and the proposed update on their
+``fused=True`` (GradScaler then hands the optimizer scaled gradients and its found-inf flag,
+which this path does not take yet: use foreach), sharded (DTensor) parameters, and statistics (they read the actual W and the proposed update on their
 steps, which this path does not materialise).
 """
 
@@ -44,7 +45,7 @@ def refusal(optimizer: torch.optim.Optimizer, stats: bool) -> str | None:
     if stats:
         return "statistics are on (stats.enabled: false turns it on)"
     for g in optimizer.param_groups:
-        for key in ("capturable", "differentiable"):
+        for key in ("capturable", "differentiable", "fused"):
             if g.get(key, False):
                 return f"the optimizer was built with {key}=True"
         if any(type(p).__name__ == "DTensor" for p in g["params"]):

@@ -105,8 +105,9 @@ def test_a_plain_adamw_loads_the_fused_runs_optimizer_state() -> None:
         (lambda m: torch.optim.AdamW(m.parameters()), True, "statistics are on"),
         (lambda m: torch.optim.SGD(m.parameters(), lr=1e-3), False, "not SGD"),
         (lambda m: torch.optim.AdamW(m.parameters(), capturable=True), False, "capturable=True"),
+        (lambda m: torch.optim.AdamW(m.parameters(), fused=True), False, "fused=True"),
     ],
-    ids=["stats", "sgd", "capturable"],
+    ids=["stats", "sgd", "capturable", "fused"],
 )
 def test_fused_auto_keeps_the_hook_path_where_it_cannot_run_and_says_why(
     make, stats: bool, reason: str, caplog
