@@ -131,6 +131,7 @@ def fused_step(
     clamp = transforms.get("clamp")
     if clamp is not None and wesar is not None:
         clamp.units_of = wesar.alpha_by_index
+        clamp.units_after_of = wesar.new_alpha_by_index
     log.info(
         "sentinel: one fused Adam step carries %s", ", ".join(n for n in ("wesar", "eps", "clamp") if n in transforms)
     )

@@ -95,10 +95,18 @@ class Chain:
                     return
             wesar = self.transforms.get("wesar")
             try:
-                self.fused.step(ctx, wesar.alpha_by_index() if wesar is not None else {})
+                alpha = new_alpha = {}
+                if wesar is not None:
+                    alpha = wesar.alpha_by_index()
+                    wesar.step_gates()
+                    new_alpha = wesar.new_alpha_by_index()
+                self.fused.step(ctx, alpha, new_alpha)
             except Exception:
                 self.errors += 1
                 log.exception("sentinel: the fused Adam step failed at step %d; the hook path takes over", ctx.step)
+                for i, a in alpha.items():  # not updated: still α·W, and the gates already hold α'
+                    if i not in self.fused.done and i in new_alpha:
+                        ctx.params[i].data.mul_(float(new_alpha[i]) / float(a))
                 self.fused._hold(ctx)
                 self._fused_failed = True
         finally:
@@ -114,7 +122,7 @@ class Chain:
                 if hasattr(t, "fused"):
                     t.fused = False
                 if hasattr(t, "units_of"):
-                    t.units_of = None
+                    t.units_of = t.units_after_of = None
 
     def _flush(self, ctx: StepContext) -> None:
         factors, ctx.grad_factor = ctx.grad_factor or {}, {}

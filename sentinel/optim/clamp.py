@@ -76,6 +76,7 @@ class Clamp(Transform):
         self._lower: dict[int, float] = {}  # ‖W‖ ≥ this while the tensor's version is _version[i]
         self._version: dict[int, int] = {}
         self.units_of: Any = None  # fused step: callable giving {index: α}, the module holding α·W
+        self.units_after_of: Any = None  # the same after the update (α' once the gates have stepped)
         self._units: dict[int, Any] = {}
 
     @torch.no_grad()
@@ -158,6 +159,8 @@ class Clamp(Transform):
     def after_step(self, ctx: StepContext) -> None:
         self.factor.fill_(1.0)
         active = self._may_exceed(list(self._before_norm))
+        if self.units_after_of is not None:
+            self._units = self.units_after_of()
         if self.adam:
             for c in adam_chunks(self.optimizer, self.params, self.group_of, active, self.chunk_elements):
                 if self._units:  # the module holds α·W: rebuild ΔW of W

@@ -8,10 +8,12 @@ and the step of W̄ is the step of W times α.  So a fused Adam kernel run on W�
 
     grad_scale = 1/f,   lr_i = α·lr,   weight_decay_i = wd/α   (lr_i·wd_i = lr·wd)
 
-leaves W̄ = α·W' and Adam's state exactly as the hook path leaves them; the gate's own step
-then multiplies W̄ by α'/α (one pass, WeSaR's after-step).  The clamp reads ‖W‖ = ‖W̄‖/α and
-rebuilds ΔW from the same state.  Every factor is a per-tensor scalar, so the update costs
-torch's fused Adam pass plus WeSaR's dot and α'/α multiply and the guard's gradient read.
+leaves W̄ = α·W' and Adam's state exactly as the hook path leaves them.  The gates step first
+(their gradients are complete before the update), so the kernel writes α'·W' directly:
+learning rate α'·lr and a weight decay chosen so that 1 − lr_k·wd_k = (α'/α)(1 − lr·wd).
+The clamp reads ‖W‖ = ‖W̄‖/α and rebuilds ΔW from the same state.  Every factor is a
+per-tensor scalar, so the update costs torch's fused Adam pass plus WeSaR's dot ⟨ḡ, W̄⟩ and
+the guard's gradient read.
 
 How the user's optimizer is kept: its ``param_groups`` (LR schedulers), its ``state`` layout
 (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``: a plain AdamW loads its
@@ -20,8 +22,9 @@ the update and sets the gradients aside, so the optimizer's own step finds nothi
 post-step hook puts them back.  Refused, with the reason logged once (the hook path then
 runs): optimizers other than torch.optim.Adam/AdamW, ``capturable``, ``differentiable``,
 ``fused=True`` (GradScaler then hands the optimizer scaled gradients and its found-inf flag,
-which this path does not take yet: use foreach), sharded (DTensor) parameters, and statistics (they read the actual W and the proposed update on their
-steps, which this path does not materialise).
+which this path does not take yet: use foreach), sharded (DTensor) parameters, and
+statistics (they read the actual W and the proposed update on their steps, which this path
+does not materialise).
 """
 
 from __future__ import annotations
@@ -59,12 +62,21 @@ class FusedStep:
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[Tensor], group_of: list[int]):
         self.optimizer, self.params, self.group_of = optimizer, params, group_of
         self._held: list[tuple[Tensor, Tensor]] = []
+        self.done: set[int] = set()  # tensors updated in the current step
 
     @torch.no_grad()
-    def step(self, ctx: StepContext, alpha: dict[int, Any]) -> None:
-        """Update every parameter that has a gradient; ``ctx.grad_factor`` holds f = α·s per tensor."""
+    def step(self, ctx: StepContext, alpha: dict[int, Any], new_alpha: dict[int, Any]) -> None:
+        """Update every parameter that has a gradient; ``ctx.grad_factor`` holds f = α·s per tensor.
+
+        ``alpha``/``new_alpha``: each gated tensor's gate before and after the gates' step.  The
+        module must end holding α'·W' = (α'/α)(1 − lr·wd)·W̄ − α'·lr·u; with the decoupled
+        kernel that is learning rate α'·lr and a weight decay with 1 − lr_k·wd_k equal to
+        (α'/α)(1 − lr·wd), so the gate's change costs no pass of its own.  Adam's L2 weight
+        decay (and lr = 0) cannot carry it: there the kernel runs with α and W̄ is multiplied by α'/α.
+        """
         factors = ctx.grad_factor or {}
         state = self.optimizer.state
+        self.done: set[int] = set()
         for i, p in enumerate(self.params):
             g = p.grad
             if g is None:
@@ -75,12 +87,21 @@ class FusedStep:
             st = state[p]
             if "step" not in st:
                 self._init_state(st, p, group)
-            a = alpha.get(i, 1.0)
+            a, a_new = float(alpha.get(i, 1.0)), float(new_alpha.get(i, 1.0))
             f = factors.get(i, 1.0)
-            lr = group["lr"]
-            lr = float(lr) if not isinstance(lr, Tensor) or lr.device.type == "cpu" else lr
+            lr = float(group["lr"])
+            wd = float(group["weight_decay"])
             beta1, beta2 = group["betas"]
             decoupled = group.get("decoupled_weight_decay", False) or type(self.optimizer) is torch.optim.AdamW
+            after = 1.0
+            if a_new == a:
+                lr_k, wd_k = lr * a, wd / a
+            elif (decoupled or wd == 0.0) and lr != 0.0:
+                decoupled = True  # Adam without weight decay is AdamW without it
+                lr_k = lr * a_new
+                wd_k = (1.0 - a_new / a * (1.0 - lr * wd)) / lr_k
+            else:
+                lr_k, wd_k, after = lr * a, wd / a, a_new / a
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
             step_t = st["step"]
             step_t += 1
@@ -88,8 +109,6 @@ class FusedStep:
             scale = None
             if not (isinstance(f, float) and f == 1.0):
                 scale = (1.0 / torch.as_tensor(f, dtype=torch.float64)).to(p.device, torch.float32).reshape(())
-            if isinstance(a, Tensor):
-                a = float(a)
             kernel(
                 [p],
                 [g],
@@ -97,16 +116,19 @@ class FusedStep:
                 [st["exp_avg_sq"]],
                 [st["max_exp_avg_sq"]] if group.get("amsgrad", False) else [],
                 steps,
-                lr=lr * a,
+                lr=lr_k,
                 beta1=float(beta1),
                 beta2=float(beta2),
-                weight_decay=float(group["weight_decay"]) / a,
+                weight_decay=wd_k,
                 eps=float(group["eps"]),
                 amsgrad=bool(group.get("amsgrad", False)),
                 maximize=bool(group.get("maximize", False)),
                 grad_scale=scale,
                 found_inf=None,
             )
+            if after != 1.0:
+                p.mul_(after)
+            self.done.add(i)
         self._hold(ctx)
 
     def _init_state(self, st: dict, p: Tensor, group: dict) -> None:

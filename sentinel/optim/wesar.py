@@ -159,7 +159,6 @@ class WeSaR(Transform):
         and ḡ → α·ḡ, which the chain merges with ε's scale into one multiply (base.scale_grads)."""
         alphas = host_scalars(self.gates.detach())
         self._alpha_host = alphas
-        self._old_gates = self.gates.detach().clone()
         with_grad = [k for k, p in enumerate(self.params) if p.grad is not None]
         if with_grad:
             dots = [torch.dot(self.params[k].grad.reshape(-1), self.params[k].detach().reshape(-1)) for k in with_grad]
@@ -173,14 +172,22 @@ class WeSaR(Transform):
             torch._foreach_div_([p.data for p in self.params], alphas)
 
     @torch.no_grad()
-    def after_step(self, ctx: StepContext) -> None:
+    def step_gates(self) -> None:
+        """The gates' own AdamW step (its gradients are complete before the weights' update)."""
         self.gate_optimizer.param_groups[0]["lr"] = self._gate_lr()  # schedulers move group 0; gates follow
         self.gate_optimizer.step()
         self.gates.grad = None
-        if self.fused:  # the fused step left α·W' with the old α (sentinel/optim/fused.py)
-            torch._foreach_mul_([p.data for p in self.params], host_scalars(self.gates.detach() / self._old_gates))
-        else:
-            torch._foreach_mul_([p.data for p in self.params], host_scalars(self.gates.detach()))
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        if self.fused:  # the gates stepped before the update, which wrote α'·W' (sentinel/optim/fused.py)
+            return
+        self.step_gates()
+        torch._foreach_mul_([p.data for p in self.params], host_scalars(self.gates.detach()))
+
+    def new_alpha_by_index(self) -> dict[int, Any]:
+        """α' after the gates' step, by index into the optimizer's parameters."""
+        return dict(zip(self.index, host_scalars(self.gates.detach())))
 
     def alpha_by_index(self) -> dict[int, Any]:
         """α of each gated tensor in force for the coming update, by index into the optimizer's parameters."""

@@ -171,3 +171,34 @@ def test_fused_step_with_gradscaler_matches_the_hook_path_and_resumes_exactly() 
     resumed, _ = _run_scaled("auto", 10, resume_from=saved)
     for a, b in zip(fused, resumed):
         assert torch.equal(a, b)
+
+
+def test_a_failing_fused_update_is_logged_and_the_hook_path_takes_over(monkeypatch, caplog) -> None:
+    torch.manual_seed(0)
+    model = GPT(CFG).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    optim = {**VARIANTS["all"], "fused": "auto"}
+    sn = sentinel.attach(model, opt, publish={"enabled": False}, stats={"enabled": False}, optim=optim)
+    kernel, calls = torch._fused_adamw_, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", flaky)
+    x = torch.randint(0, CFG.vocab_size, (4, CFG.block_size), generator=torch.Generator().manual_seed(1))
+    untouched = model.h[1].mlp.c_fc.weight.detach().clone()
+    with caplog.at_level("ERROR", logger="sentinel"):
+        for _ in range(3):
+            model(x, x)[1].backward()
+            opt.step()  # never raises into the loop
+            opt.zero_grad()
+            sn.observe()
+    assert "the fused Adam step failed at step 0" in caplog.text and sn.errors == 1
+    assert sn.chain.fused is None and not sn.chain.transforms["wesar"].fused
+    assert len(calls) == 3  # later steps went through the optimizer's own step
+    assert not torch.equal(model.h[1].mlp.c_fc.weight, untouched)  # and training went on
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    sn.close()
