@@ -19,7 +19,10 @@ so they share the machine's load.  It reports wall and process-CPU time per step
 of the per-round ratios to plain (paired, so load that changes between rounds cancels), and
 no peak memory.
 
-    python benchmarks/optim_step.py [--rounds 2] [--steps 6] [--threads 2] [--in-process]
+``--train-step`` times the whole training step (forward + backward + step, ``--tokens`` per
+step, default 16384) for plain AdamW, all four around the step and all four fused, interleaved.
+
+    python benchmarks/optim_step.py [--rounds 2] [--steps 6] [--threads 2] [--in-process | --train-step]
 """
 
 from __future__ import annotations
@@ -143,6 +146,45 @@ def in_process(steps: int, threads: int) -> None:
             sn.close()
 
 
+def train_step(steps: int, threads: int, tokens: int) -> None:
+    """Forward + backward + step at ``tokens`` tokens per step: plain, all four around the step, all four fused."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from examples.tiny_gpt import GPT, GPTConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=8, n_head=12, n_embd=768, block_size=128)
+    base = GPT(cfg)
+    variants = ("plain", "all", "fused")
+    runs = {v: _model_and_optimizer(torch, v, base) for v in variants}
+    gen = torch.Generator().manual_seed(1)
+    batch = max(1, tokens // cfg.block_size)
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(steps + 1):
+        x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=gen)
+        for v in variants if r % 2 == 0 else tuple(reversed(variants)):
+            model, opt, _ = runs[v]
+            t = time.perf_counter()
+            _, loss = model(x, x.roll(1, 1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if r:
+                wall[v].append(time.perf_counter() - t)
+    print(f"training step: {batch * cfg.block_size} tokens, {steps} interleaved steps, {threads} threads, CPU")
+    for v in variants:
+        ratios = [a / b for a, b in zip(wall[v], wall["plain"])]
+        print(
+            f"{v:<6} {statistics.median(wall[v]) * 1e3:>8.0f} ms  paired {statistics.median(ratios):.3f} "
+            f"({min(ratios):.3f}-{max(ratios):.3f})"
+        )
+    for _, _, sn in runs.values():
+        if sn is not None:
+            sn.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
@@ -150,7 +192,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--in-process", action="store_true", help="all variants in one process, steps interleaved")
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--train-step", action="store_true", help="time forward + backward + step (plain, all four, fused)"
+    )
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per training step (--train-step)")
     args = parser.parse_args()
+    if args.train_step:
+        train_step(args.steps * args.rounds, args.threads, args.tokens)
+        return
     if args.in_process:
         in_process(args.steps * args.rounds, args.threads)
         return
