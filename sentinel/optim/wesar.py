@@ -74,7 +74,10 @@ def tied_names(model: torch.nn.Module | None, params: list[Tensor]) -> dict[int,
         names.setdefault(id(p), []).append(name)
         if p.device.type == "meta" or p.numel() == 0:
             continue
-        key = (str(p.device), p.untyped_storage().data_ptr())
+        try:
+            key = (str(p.device), p.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # wrapper tensors (DTensor) have no storage of their own
+            continue
         seen = storage.setdefault(key, (name, id(p)))
         if seen[1] != id(p):
             raise ValueError(
