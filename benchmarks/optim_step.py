@@ -7,9 +7,11 @@ rounds.  Variants:
   plain   AdamW(foreach=True), sentinel not attached
   clamp     sentinel with the update-ratio clamp only (statistics off)
   no_wesar  guard + ε auto-tuning + clamp (statistics off)
-  all       guard + WeSaR + ε auto-tuning + clamp (statistics off)
+  all       guard + WeSaR + ε auto-tuning + clamp (statistics off), around the optimizer's step
+  fused     the same four, with sentinel making the update in one fused Adam pass (optim.fused: auto)
+  plain_fused  AdamW(fused=True), sentinel not attached: torch's own one-pass step, a second baseline
 Prints median step time, its ratio to plain and peak RSS; the last line is
-``optim_step_ratio=<all/plain>``.
+``optim_step_ratio=<fused/plain>``.
 
 ``--in-process`` is for a busy machine: every variant lives in one process on its own copy of
 the model, and the variants step back to back on the same gradients, in alternating order,
@@ -17,7 +19,10 @@ so they share the machine's load.  It reports wall and process-CPU time per step
 of the per-round ratios to plain (paired, so load that changes between rounds cancels), and
 no peak memory.
 
-    python benchmarks/optim_step.py [--rounds 2] [--steps 6] [--threads 2] [--in-process]
+``--train-step`` times the whole training step (forward + backward + step, ``--tokens`` per
+step, default 16384) for plain AdamW, all four around the step and all four fused, interleaved.
+
+    python benchmarks/optim_step.py [--rounds 2] [--steps 6] [--threads 2] [--in-process | --train-step]
 """
 
 from __future__ import annotations
@@ -46,6 +51,14 @@ VARIANTS = {
         "eps": {"enabled": True},
         "clamp": {"enabled": True, "default": 0.05},
     },
+    "fused": {
+        "guard": {"enabled": True},
+        "wesar": {"enabled": True},
+        "eps": {"enabled": True},
+        "clamp": {"enabled": True, "default": 0.05},
+        "fused": "auto",
+    },
+    "plain_fused": None,
 }
 
 
@@ -78,7 +91,8 @@ def _optimizer(torch, model, variant: str):
     """AdamW over ``model``, with sentinel attached with ``variant``'s transforms (none for plain)."""
     import sentinel
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    kind = {"fused": True} if variant == "plain_fused" else {"foreach": True}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, **kind)
     if VARIANTS[variant] is None:
         return opt, None
     sn = sentinel.attach(
@@ -118,14 +132,54 @@ def in_process(steps: int, threads: int) -> None:
                 wall[v].append(time.perf_counter() - t)
                 cpu[v].append(time.process_time() - c)
     print(f"in one process, {steps} interleaved steps, {threads} threads, CPU")
-    print(f"\n{'variant':<9} {'wall med':>9} {'paired':>7} {'CPU med':>9} {'paired':>7}")
+    print(f"\n{'variant':<12} {'wall med':>9} {'paired':>7} {'min-max':>13} {'CPU med':>9} {'paired':>7}")
     for v in VARIANTS:
-        pw = statistics.median(a / b for a, b in zip(wall[v], wall["plain"]))
+        ratios = [a / b for a, b in zip(wall[v], wall["plain"])]
         pc = statistics.median(a / b for a, b in zip(cpu[v], cpu["plain"]))
         print(
-            f"{v:<9} {statistics.median(wall[v]) * 1e3:>6.0f} ms {pw:>7.3f} {statistics.median(cpu[v]) * 1e3:>6.0f} ms {pc:>7.3f}"
+            f"{v:<12} {statistics.median(wall[v]) * 1e3:>6.0f} ms {statistics.median(ratios):>7.3f} "
+            f"{min(ratios):>6.3f}-{max(ratios):<6.3f} {statistics.median(cpu[v]) * 1e3:>6.0f} ms {pc:>7.3f}"
         )
-    print(f"\noptim_step_ratio={statistics.median(a / b for a, b in zip(wall['all'], wall['plain'])):.3f}")
+    print(f"\noptim_step_ratio={statistics.median(a / b for a, b in zip(wall['fused'], wall['plain'])):.3f}")
+    for _, _, sn in runs.values():
+        if sn is not None:
+            sn.close()
+
+
+def train_step(steps: int, threads: int, tokens: int) -> None:
+    """Forward + backward + step at ``tokens`` tokens per step: plain, all four around the step, all four fused."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from examples.tiny_gpt import GPT, GPTConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=8, n_head=12, n_embd=768, block_size=128)
+    base = GPT(cfg)
+    variants = ("plain", "all", "fused")
+    runs = {v: _model_and_optimizer(torch, v, base) for v in variants}
+    gen = torch.Generator().manual_seed(1)
+    batch = max(1, tokens // cfg.block_size)
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(steps + 1):
+        x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=gen)
+        for v in variants if r % 2 == 0 else tuple(reversed(variants)):
+            model, opt, _ = runs[v]
+            t = time.perf_counter()
+            _, loss = model(x, x.roll(1, 1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if r:
+                wall[v].append(time.perf_counter() - t)
+    print(f"training step: {batch * cfg.block_size} tokens, {steps} interleaved steps, {threads} threads, CPU")
+    for v in variants:
+        ratios = [a / b for a, b in zip(wall[v], wall["plain"])]
+        print(
+            f"{v:<6} {statistics.median(wall[v]) * 1e3:>8.0f} ms  paired {statistics.median(ratios):.3f} "
+            f"({min(ratios):.3f}-{max(ratios):.3f})"
+        )
     for _, _, sn in runs.values():
         if sn is not None:
             sn.close()
@@ -138,7 +192,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--in-process", action="store_true", help="all variants in one process, steps interleaved")
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--train-step", action="store_true", help="time forward + backward + step (plain, all four, fused)"
+    )
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per training step (--train-step)")
     args = parser.parse_args()
+    if args.train_step:
+        train_step(args.steps * args.rounds, args.threads, args.tokens)
+        return
     if args.in_process:
         in_process(args.steps * args.rounds, args.threads)
         return
@@ -165,12 +226,13 @@ def main() -> None:
     print(
         f"model: {n_params / 1e6:.1f}M parameters, AdamW(foreach, lr 1e-4, betas 0.9/0.95, wd 0.1), {args.threads} threads, CPU"
     )
-    print(f"\n{'variant':<9} {'median step':>12} {'ratio':>7} {'peak RSS':>10}")
+    print(f"\n{'variant':<12} {'median step':>12} {'ratio':>7} {'peak RSS':>10}")
     for v in VARIANTS:
         med = statistics.median(times[v])
-        print(f"{v:<9} {med * 1e3:>9.1f} ms {med / plain:>7.3f} {peaks[v] / 2**20:>7.0f} MiB")
+        print(f"{v:<12} {med * 1e3:>9.1f} ms {med / plain:>7.3f} {peaks[v] / 2**20:>7.0f} MiB")
     print(f"\nclamp_memory_extra_mib={(peaks['clamp'] - peaks['plain']) / 2**20:.0f}")
-    print(f"optim_step_ratio={statistics.median(times['all']) / plain:.3f}")
+    print(f"fused_memory_extra_mib={(peaks['fused'] - peaks['plain']) / 2**20:.0f}")
+    print(f"optim_step_ratio={statistics.median(times['fused']) / plain:.3f}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from sentinel.config import Config, load_config
 from sentinel.control import Control
 from sentinel.data import BatchPosition
 from sentinel.gradnorms import GradNorms
-from sentinel.optim import Chain, Guard, StepContext, optimizer_params
+from sentinel.optim import Chain, Guard, StepContext, fused_step, optimizer_params
 from sentinel.optim import build as build_transforms
 from sentinel.probes import Probes
 from sentinel.publish import HostTransfer, Publisher
@@ -140,7 +140,7 @@ class Sentinel:
         self._roles = param_roles(role_map, self._names, self._params)
         if is_adam(optimizer):
             self._eps = GroupEps(optimizer, self._group_of, self._params)
-        self.chain = Chain(transforms)
+        self.chain = Chain(transforms, fused=fused_step(optimizer, config, self._params, self._group_of, transforms))
         if config.stats.enabled or config.optim.guard.enabled:
             self.grads = GradNorms.create(self._params, grad_scaler)
             if self.grads is not None:

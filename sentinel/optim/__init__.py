@@ -4,12 +4,14 @@ guard.py  in-step guard: skip or clip outlier and non-finite updates
 wesar.py  WeSaR reparameterisation W̄ = α·W (papers/001)
 eps.py    Adam-ε auto-tuning (papers/003 §3.4)
 clamp.py  per-role update-ratio clamp
+fused.py  the Adam/AdamW update made by sentinel with all of them folded in (optim.fused: auto)
 All are off unless the config turns them on; the guard is always present to carry out
 requested skips (``sn.skip_updates``, the agent's skip_update command).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -20,10 +22,25 @@ from sentinel.optim.base import StepContext, Transform, optimizer_params
 from sentinel.optim.chain import Chain
 from sentinel.optim.clamp import Clamp
 from sentinel.optim.eps import EpsTune
+from sentinel.optim.fused import FusedStep, refusal
 from sentinel.optim.guard import Guard
 from sentinel.optim.wesar import WeSaR
 
-__all__ = ["Chain", "Clamp", "EpsTune", "Guard", "StepContext", "Transform", "WeSaR", "build", "optimizer_params"]
+log = logging.getLogger("sentinel")
+
+__all__ = [
+    "Chain",
+    "Clamp",
+    "EpsTune",
+    "FusedStep",
+    "Guard",
+    "StepContext",
+    "Transform",
+    "WeSaR",
+    "build",
+    "fused_step",
+    "optimizer_params",
+]
 
 
 def build(
@@ -72,6 +89,7 @@ def build(
             sigma2=w.sigma2,
             gate_lr_scale=w.gate_lr_scale,
             gate_weight_decay=w.gate_weight_decay,
+            model=model,
         )
     if cfg.eps.enabled:
         e = cfg.eps
@@ -91,3 +109,30 @@ def build(
             chunk_elements=config.stats.chunk_elements,
         )
     return transforms
+
+
+def fused_step(
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    params: list[Tensor],
+    group_of: list[int],
+    transforms: dict[str, Transform],
+) -> FusedStep | None:
+    """The fused update when ``optim.fused`` is 'auto' and it can run (else None, with the reason logged)."""
+    if config.optim.fused != "auto" or not {"wesar", "eps", "clamp"} & set(transforms):
+        return None
+    reason = refusal(optimizer, "stats" in transforms)
+    if reason is not None:
+        log.warning("sentinel: optim.fused 'auto': the transforms act around the optimizer's step: %s", reason)
+        return None
+    wesar = transforms.get("wesar")
+    if wesar is not None:
+        wesar.fused = True
+    clamp = transforms.get("clamp")
+    if clamp is not None and wesar is not None:
+        clamp.units_of = wesar.alpha_by_index
+        clamp.units_after_of = wesar.new_alpha_by_index
+    log.info(
+        "sentinel: one fused Adam step carries %s", ", ".join(n for n in ("wesar", "eps", "clamp") if n in transforms)
+    )
+    return FusedStep(optimizer, params, group_of)

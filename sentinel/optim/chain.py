@@ -33,11 +33,12 @@ POST_ORDER = ("eps", "stats", "clamp", "wesar")
 
 
 class Chain:
-    def __init__(self, transforms: dict[str, Transform]):
+    def __init__(self, transforms: dict[str, Transform], fused: Any = None):
         unknown = set(transforms) - set(PRE_ORDER) - set(POST_ORDER)
         if unknown:
             raise ValueError(f"unknown transforms {sorted(unknown)}")
         self.transforms = transforms
+        self.fused = fused  # sentinel.optim.fused.FusedStep: the update is made here (fused.py)
         self.errors = 0
 
     def _call(self, name: str, method: str, ctx: StepContext) -> None:
@@ -67,6 +68,9 @@ class Chain:
         without statistics, α and ε's scale are merged into a single multiply.
         """
         ctx.grad_factor = {}
+        if self.fused is not None:
+            self._fused_before(ctx)
+            return
         try:
             for name in PRE_ORDER:
                 if name == "stats" and name in self.transforms:
@@ -77,6 +81,48 @@ class Chain:
         finally:
             self._flush(ctx)
             ctx.grad_factor = None
+
+    def _fused_before(self, ctx: StepContext) -> None:
+        """The pre-step transforms, then the update itself, with α·s per tensor as the kernel's grad scale.
+
+        A failing fused update is logged; that step's remaining tensors are not updated (the
+        optimizer's own step would update the finished ones twice) and the hook path takes over.
+        """
+        try:
+            for name in PRE_ORDER:
+                self._call(name, "before_step", ctx)
+                if ctx.skip:
+                    return
+            wesar = self.transforms.get("wesar")
+            try:
+                alpha = new_alpha = {}
+                if wesar is not None:
+                    alpha = wesar.alpha_by_index()
+                    wesar.step_gates()
+                    new_alpha = wesar.new_alpha_by_index()
+                self.fused.step(ctx, alpha, new_alpha)
+            except Exception:
+                self.errors += 1
+                log.exception("sentinel: the fused Adam step failed at step %d; the hook path takes over", ctx.step)
+                for i, a in alpha.items():  # not updated: still α·W, and the gates already hold α'
+                    if i not in self.fused.done and i in new_alpha:
+                        ctx.params[i].data.mul_(float(new_alpha[i]) / float(a))
+                self.fused._hold(ctx)
+                self._fused_failed = True
+        finally:
+            ctx.grad_factor = None
+
+    def _fused_after(self, ctx: StepContext) -> None:
+        self.fused.restore()
+        for name in POST_ORDER:
+            self._call(name, "after_step", ctx)
+        if getattr(self, "_fused_failed", False):
+            self.fused = None
+            for t in self.transforms.values():
+                if hasattr(t, "fused"):
+                    t.fused = False
+                if hasattr(t, "units_of"):
+                    t.units_of = t.units_after_of = None
 
     def _flush(self, ctx: StepContext) -> None:
         factors, ctx.grad_factor = ctx.grad_factor or {}, {}
@@ -91,6 +137,9 @@ class Chain:
 
     def after_step(self, ctx: StepContext) -> None:
         if ctx.skip:
+            return
+        if self.fused is not None:
+            self._fused_after(ctx)
             return
         for name in POST_ORDER:
             self._call(name, "after_step", ctx)

@@ -75,6 +75,9 @@ class Clamp(Transform):
         self._norm_host: dict[int, float] = {}
         self._lower: dict[int, float] = {}  # ‖W‖ ≥ this while the tensor's version is _version[i]
         self._version: dict[int, int] = {}
+        self.units_of: Any = None  # fused step: callable giving {index: α}, the module holding α·W
+        self.units_after_of: Any = None  # the same after the update (α' once the gates have stepped)
+        self._units: dict[int, Any] = {}
 
     @torch.no_grad()
     def before_step(self, ctx: StepContext) -> None:
@@ -82,6 +85,9 @@ class Clamp(Transform):
         self._active = active
         need = [i for i in active if not self._proven(i)] if self.adam else active
         norms = torch._foreach_norm([self.params[i] for i in need]) if need else []
+        self._units = self.units_of() if self.units_of is not None else {}
+        if self._units:
+            norms = [n / self._units[i] if i in self._units else n for i, n in zip(need, norms)]
         self._before_norm = dict(zip(need, norms))
         if not self.adam:
             self._before = {i: self.params[i].detach().clone() for i in active}
@@ -153,8 +159,12 @@ class Clamp(Transform):
     def after_step(self, ctx: StepContext) -> None:
         self.factor.fill_(1.0)
         active = self._may_exceed(list(self._before_norm))
+        if self.units_after_of is not None:
+            self._units = self.units_after_of()
         if self.adam:
             for c in adam_chunks(self.optimizer, self.params, self.group_of, active, self.chunk_elements):
+                if self._units:  # the module holds α·W: rebuild ΔW of W
+                    c.params = [p / self._units[i] if i in self._units else p for i, p in zip(c.index, c.params)]
                 self._apply(ctx, c.index, c.neg_update(c.sqrt_v()))
             self._keep_lower_bounds(active)
         elif active:
@@ -179,12 +189,13 @@ class Clamp(Transform):
                 if before is not None:  # W_before + c·ΔW, exact where the copy exists
                     self.params[i].copy_(torch.lerp(before[i], self.params[i], factor[k].to(before[i])))
                 else:
-                    self.params[i].add_(neg_update[k], alpha=float(1 - factor[k]))
+                    self.params[i].add_(neg_update[k], alpha=float(1 - factor[k]) * float(self._units.get(i, 1.0)))
                 evidence = {"param": self.names[i], "ratio": float(ratio[k]), "max": self.limit[i]}
                 ctx.events.append({"action": "clamp", "step": ctx.step, **evidence})
                 log.info("sentinel clamp: step %d %s", ctx.step, evidence)
         else:  # on a device, no host sync: every matrix gets W += (1 - c)·(-ΔW), a no-op where c = 1
-            torch._foreach_mul_(neg_update, list((1 - factor).unbind()))
+            units = torch.tensor([float(self._units.get(i, 1.0)) for i in index], device=factor.device)
+            torch._foreach_mul_(neg_update, list(((1 - factor) * units).unbind()))
             torch._foreach_add_([self.params[i] for i in index], neg_update)
 
     def columns(self) -> dict[str, Tensor]:

@@ -65,9 +65,12 @@ class EpsTune(Transform):
         self._host = self.scale.tolist()  # host copy, refreshed whenever ``scale`` changes
         self.calls = 0
         self.tuned = False  # retune on the first step that has Adam state, then every ``every`` steps
+        self._fresh = set(range(len(params)))  # tensors without Adam state yet: ε from their first gradient
 
     @torch.no_grad()
     def before_step(self, ctx: StepContext) -> None:
+        if self._fresh:
+            self._from_gradient(ctx)
         if self.calls % self.every == 0 or not self.tuned:
             self._retune()
         self.calls += 1
@@ -76,6 +79,52 @@ class EpsTune(Transform):
         changed = [i for i, s in enumerate(self._host) if s != 1.0]  # s = 1 (ε not lowered): nothing to scale
         scale_grads(ctx, changed, [factors[i] for i in changed])
         ctx.grad_scale = scales
+
+    def _from_gradient(self, ctx: StepContext) -> None:
+        """ε for a tensor's first update, before Adam has state: there v̂ = g², so RMS(√v̂) = RMS(g).
+
+        Without it the first update runs with the optimizer's ε and, for gradients far below
+        it, is lost (loss × 1e-10 on the tiny GPT: loss 5.57 instead of 4.82 after step 0).
+        The gradient is read in true units: times the multipliers the chain has not applied yet.
+        """
+        state = self.optimizer.state
+        idx = [i for i in sorted(self._fresh) if self.params[i].grad is not None]
+        if not idx:
+            return
+        self._fresh.difference_update(idx)
+        idx = [i for i in idx if "exp_avg_sq" not in state.get(self.params[i], {})]
+        if not idx:
+            return
+        pending = ctx.grad_factor or {}
+        norms = torch.stack(torch._foreach_norm([self.params[i].grad for i in idx])).float()
+        factor = torch.stack([torch.as_tensor(pending.get(i, 1.0), dtype=torch.float32) for i in idx])
+        numel = torch.tensor([self.params[i].numel() for i in idx], dtype=torch.float32)
+        rms = norms * factor.to(norms.device).abs() / numel.to(norms.device).sqrt()
+        self._set(idx, rms, "first gradient")
+
+    def _set(self, idx: list[int], rms: Tensor, source: str) -> Tensor | None:
+        """New scales for tensors ``idx`` from RMS(√v̂) in true units; the ratio new/old, or None if unchanged."""
+        old = self.scale[idx]
+        user = self.user_eps[idx]
+        target = torch.minimum(torch.clamp(self.ratio * rms, min=self.floor), user)
+        exponent = torch.ceil(torch.log10(user / target) * self.per_decade - 1e-6) / self.per_decade
+        new = torch.clamp(10.0**exponent, min=1.0, max=float(user.max() / self.floor))
+        if torch.equal(new, old):
+            return None
+        self.scale[idx] = new
+        self._host = self.scale.tolist()
+        log.info(
+            "sentinel eps: %d tensor(s) retuned at step %d from the %s; effective ε now in [%.3g, %.3g] "
+            "(RMS √v̂ in [%.3g, %.3g])",
+            int((new != old).sum()),
+            self.calls,
+            source,
+            float((user / new).min()),
+            float((user / new).max()),
+            float(rms.min()),
+            float(rms.max()),
+        )
+        return new / old
 
     def _retune(self) -> None:
         state = self.optimizer.state
@@ -90,33 +139,18 @@ class EpsTune(Transform):
         numel = torch.tensor([self.params[i].numel() for i in idx], device=v[0].device, dtype=torch.float32)
         sums = torch.stack(torch._foreach_norm(v, 1)).float()
         self.tuned = True
-        old = self.scale[idx]
-        rms = (sums / (numel * b2)).sqrt() / old  # RMS of √v̂ in true gradient units
-        user = self.user_eps[idx]
-        target = torch.minimum(torch.clamp(self.ratio * rms, min=self.floor), user)
-        exponent = torch.ceil(torch.log10(user / target) * self.per_decade - 1e-6) / self.per_decade
-        new = torch.clamp(10.0**exponent, min=1.0, max=float(user.max() / self.floor))
-        if torch.equal(new, old):
+        rms = (sums / (numel * b2)).sqrt() / self.scale[idx]  # RMS of √v̂ in true gradient units
+        ratio = self._set(idx, rms, "Adam state")
+        if ratio is None:
             return
-        r = list((new / old).unbind())
-        r2 = list((new / old).square().unbind())
+        r = list(ratio.unbind())
+        r2 = list(ratio.square().unbind())
         sts = [state[self.params[i]] for i in idx]
         torch._foreach_mul_([s["exp_avg"] for s in sts], r)
         torch._foreach_mul_([s["exp_avg_sq"] for s in sts], r2)
         ams = [k for k, s in enumerate(sts) if "max_exp_avg_sq" in s]
         if ams:
             torch._foreach_mul_([sts[k]["max_exp_avg_sq"] for k in ams], [r2[k] for k in ams])
-        self.scale[idx] = new
-        self._host = self.scale.tolist()
-        log.info(
-            "sentinel eps: %d tensor(s) retuned at step %d; effective ε now in [%.3g, %.3g] (RMS √v̂ in [%.3g, %.3g])",
-            int((new != old).sum()),
-            self.calls,
-            float((user / new).min()),
-            float((user / new).max()),
-            float(rms.min()),
-            float(rms.max()),
-        )
 
     def columns(self) -> dict[str, Tensor]:
         return {"adam_eps": (self.user_eps / self.scale).float()}
@@ -135,3 +169,5 @@ class EpsTune(Transform):
         self._host = self.scale.tolist()
         self.calls = int(state["calls"])
         self.tuned = bool(state["tuned"])
+        if self.tuned:  # the scales are known: no first-gradient estimate over them
+            self._fresh.clear()

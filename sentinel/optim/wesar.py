@@ -23,6 +23,13 @@ for the matrix after the FFN activation), for hidden size d, FFN size d_ffn and 
   embedding 1;  q, k, v, qkv, up, gate, gate_up, head  √(1/d);
   o  √(1/(2N·d));  down  √(2/d_ffn)·√(1/(2N))  (= √(2/(8N·d)) for d_ffn = 4d).
 A fused matrix (qkv, gate_up) has one gate: all its parts share the same σ_target.
+
+Tied weights (GPT-2's ``wte``/``lm_head``) are found by storage, not by name: one Parameter
+under several names gets one gate, and an embedding tied to the output head takes the head's
+σ_target √(1/d), which is Table 1's He weight for W_e before the model's own embedding scaling.
+With the embedding's 1 the logits would be √d times too large (GPT-2 at d=768: first loss
+594 instead of 11).  Two distinct Parameters on one storage are refused, naming the pair: the
+W̄ ↔ W conversion would be applied to it twice.
 """
 
 from __future__ import annotations
@@ -54,6 +61,32 @@ def sigma_target(role: str, d: int, d_ffn: int, n_layers: int) -> float:
     raise ValueError(f"WeSaR has no gate for role {role!r}; gated roles: {', '.join(GATED_ROLES)}")
 
 
+def tied_names(model: torch.nn.Module | None, params: list[Tensor]) -> dict[int, list[str]]:
+    """For each of ``params`` (by index) that the model holds under more than one name, all its names.
+
+    Raises when two distinct Parameters of the model share one storage (``data_ptr``).
+    """
+    if model is None:
+        return {}
+    names: dict[int, list[str]] = {}
+    storage: dict[tuple[str, int], tuple[str, int]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        if p.device.type == "meta" or p.numel() == 0:
+            continue
+        try:
+            key = (str(p.device), p.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # wrapper tensors (DTensor) have no storage of their own
+            continue
+        seen = storage.setdefault(key, (name, id(p)))
+        if seen[1] != id(p):
+            raise ValueError(
+                f"WeSaR: parameters {seen[0]!r} and {name!r} are distinct Parameters on one storage; tie them as one "
+                f"Parameter (e.g. `lm_head.weight = wte.weight`) or leave them out of optim.wesar"
+            )
+    return {i: names[id(p)] for i, p in enumerate(params) if len(names.get(id(p), ())) > 1}
+
+
 class WeSaR(Transform):
     name = "wesar"
 
@@ -72,21 +105,34 @@ class WeSaR(Transform):
         gate_lr_scale: float = 1.0,
         gate_weight_decay: float = 0.0,
         generator: torch.Generator | None = None,
+        model: torch.nn.Module | None = None,
     ):
         self.optimizer = optimizer
         self.sigma = math.sqrt(sigma2)
         self.gate_lr_scale = gate_lr_scale
+        self.fused = False  # True: the module keeps W̄ through the step (sentinel/optim/fused.py)
+        self._alpha_host: list = []
         self.n_params = len(params)
         self.index = [i for i, n in enumerate(names) if roles.get(n) in GATED_ROLES and params[i].dim() >= 2]
         self.params = [params[i] for i in self.index]
         self.names = [names[i] for i in self.index]
         if not self.params:
             raise ValueError("WeSaR found no matrix with a gated role; check the role map (`sentinel audit`)")
+        tied = tied_names(model, params)
+        self.tied = {names[i]: tied[i] for i in self.index if i in tied}
         alphas = []
         with torch.no_grad():
             for name, p in zip(self.names, self.params):
                 if init == "wesar":
-                    alpha = sigma_target(roles[name], d, d_ffn, n_layers) / self.sigma
+                    role = roles[name]
+                    if role == "embedding" and name in self.tied:
+                        role = "head"
+                        log.info(
+                            "sentinel wesar: %s is tied (%s): its gate gives the head's σ_target √(1/d)",
+                            name,
+                            ", ".join(self.tied[name]),
+                        )
+                    alpha = sigma_target(role, d, d_ffn, n_layers) / self.sigma
                     actual = torch.empty_like(p).normal_(0.0, self.sigma, generator=generator)
                     p.copy_(actual * alpha)
                 else:
@@ -115,6 +161,7 @@ class WeSaR(Transform):
         """Per gated matrix: one dot ⟨ḡ, W̄⟩ (reads ḡ and W̄), W̄ → W (one read and write of W),
         and ḡ → α·ḡ, which the chain merges with ε's scale into one multiply (base.scale_grads)."""
         alphas = host_scalars(self.gates.detach())
+        self._alpha_host = alphas
         with_grad = [k for k, p in enumerate(self.params) if p.grad is not None]
         if with_grad:
             dots = [torch.dot(self.params[k].grad.reshape(-1), self.params[k].detach().reshape(-1)) for k in with_grad]
@@ -124,14 +171,30 @@ class WeSaR(Transform):
             scale_grads(ctx, [self.index[k] for k in with_grad], [alphas[k] for k in with_grad])
         else:
             self.gates.grad = torch.zeros_like(self.gates)
-        torch._foreach_div_([p.data for p in self.params], alphas)
+        if not self.fused:
+            torch._foreach_div_([p.data for p in self.params], alphas)
 
     @torch.no_grad()
-    def after_step(self, ctx: StepContext) -> None:
+    def step_gates(self) -> None:
+        """The gates' own AdamW step (its gradients are complete before the weights' update)."""
         self.gate_optimizer.param_groups[0]["lr"] = self._gate_lr()  # schedulers move group 0; gates follow
         self.gate_optimizer.step()
         self.gates.grad = None
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        if self.fused:  # the gates stepped before the update, which wrote α'·W' (sentinel/optim/fused.py)
+            return
+        self.step_gates()
         torch._foreach_mul_([p.data for p in self.params], host_scalars(self.gates.detach()))
+
+    def new_alpha_by_index(self) -> dict[int, Any]:
+        """α' after the gates' step, by index into the optimizer's parameters."""
+        return dict(zip(self.index, host_scalars(self.gates.detach())))
+
+    def alpha_by_index(self) -> dict[int, Any]:
+        """α of each gated tensor in force for the coming update, by index into the optimizer's parameters."""
+        return dict(zip(self.index, self._alpha_host))
 
     def columns(self) -> dict[str, Tensor]:
         """α per tensor; 1 for tensors without a gate (their W̄ is W)."""
