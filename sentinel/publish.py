@@ -5,9 +5,12 @@ ZeroMQ PUSH with ``IMMEDIATE`` (queue only to connected peers), a bounded send q
 ``send`` raises ``zmq.Again`` at once and the message is counted as dropped.  ``LINGER=0``
 so closing never waits for an agent.  Reconnection after an agent restart is ZeroMQ's own.
 
-With ``publish.curve`` the socket is a CURVE client (docs/security.md).  A refused handshake
-(wrong key, or an agent without CURVE) leaves the socket with no connected peer, so with
-``IMMEDIATE`` every message is dropped and counted at once, exactly as with no agent.
+The socket is a CURVE client (docs/security.md): keys from ``publish.curve``, or from the local
+agent's discovery file (sentinel/curve.py ``Security``), unless ``publish.insecure``.  Until keys
+are found there is no socket, and later keys (an agent restarted with new ones) rebuild it.  A
+refused handshake (wrong key, an impostor without the agent's secret) leaves the socket with no
+connected peer, so with ``IMMEDIATE`` every message is dropped and counted at once, exactly as
+with no agent.
 """
 
 from __future__ import annotations
@@ -35,23 +38,42 @@ def check_endpoint(config: PublishConfig) -> None:
 
 
 class Publisher:
-    def __init__(self, endpoint: str, run: str, rank: int, queue: int = 1000, curve: PublishCurveConfig | None = None):
-        """``curve``: the trainer's key pair and the agent's public key; raises ConfigError if unreadable."""
-        keys = _curve.client_keys("publish", curve) if curve is not None and curve.secret_file else None
+    def __init__(
+        self,
+        endpoint: str,
+        run: str,
+        rank: int,
+        queue: int = 1000,
+        curve: PublishCurveConfig | None = None,
+        insecure: bool = False,
+    ):
+        """``curve``: the trainer's key pair and the agent's public key (raises ConfigError if unreadable);
+        without it the discovered keys, or none with ``insecure``."""
+        self.security = _curve.Security("publish", endpoint, curve, insecure, what="statistics")
+        self.endpoint, self.queue = endpoint, queue
         self.run, self.rank = run, rank
         self.sent = 0
         self.dropped = 0
         self._seq = 0
         self._layouts: dict[protocol.Layout, tuple[bytes, str]] = {}
         self._ctx = zmq.Context(io_threads=1)
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, queue)
-        self._sock.setsockopt(zmq.IMMEDIATE, 1)
-        if keys is not None:
-            self._sock.curve_publickey, self._sock.curve_secretkey, self._sock.curve_serverkey = keys
-        self._sock.connect(endpoint)
+        self._sock: zmq.Socket | None = None
+        self._open()
         self._warned = False
+
+    def _open(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if not self.security.ready:
+            return
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.queue)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.security.apply(sock)
+        sock.connect(self.endpoint)
+        self._sock = sock
 
     def publish(self, step: int, layout: protocol.Layout, data: np.ndarray) -> bool:
         """Queue one message; returns False (and counts a drop) if it cannot be queued now."""
@@ -59,6 +81,8 @@ class Publisher:
             raw = layout.encode()
             self._layouts[layout] = (raw, protocol.layout_id(raw))
         raw, lid = self._layouts[layout]
+        if self.security.poll():
+            self._open()
         self._seq += 1
         header = protocol.encode_header(
             run=self.run,
@@ -71,6 +95,8 @@ class Publisher:
             layout=lid,
         )
         try:
+            if self._sock is None:
+                raise zmq.Again
             self._sock.send_multipart(
                 [header, raw, data.astype(protocol.DTYPE, copy=False).tobytes()], flags=zmq.NOBLOCK
             )
@@ -85,7 +111,9 @@ class Publisher:
         return True
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
         self._ctx.term()
 
 
