@@ -229,7 +229,9 @@ class Control:
                 self.unknown_run += 1
                 log.warning("sentinel: command %s is for run %r, this is %r: ignored", cmd.id, cmd.run, self.sn.run)
                 self._ack(cmd, "unknown_run", f"this trainer runs {self.sn.run!r}")
-            elif cmd.id in self.handled or cmd.id in seen:
+            elif cmd.id in seen:
+                self.duplicates += 1  # a resend in the same batch: the first copy's ack answers both
+            elif cmd.id in self.handled:
                 self.duplicates += 1
                 status, step = self.handled.get(cmd.id, ("pending", self.sn.step))
                 log.info(
