@@ -147,7 +147,9 @@ class RecordingConfig:
 @dataclass
 class CurveConfig:
     secret_file: str | None = option(
-        None, doc="The agent's secret certificate (`server.key_secret` from `sentinel-agent keys DIR`)."
+        None,
+        doc="The agent's secret certificate (`server.key_secret` from `sentinel-agent keys DIR`); unset: "
+        "the agent's own keys in `security.keys_dir` (docs/security.md).",
     )
     authorized_dir: str | None = option(
         None, doc="Directory of client public certificates allowed to connect (`DIR/authorized`)."
@@ -158,8 +160,8 @@ class CurveConfig:
 class StatsCurveConfig:
     secret_file: str | None = option(
         None,
-        doc="The agent's secret certificate (`server.key_secret` from `sentinel-agent keys DIR`); with "
-        "`stats_curve.authorized_dir`, makes the statistics socket a CURVE server (docs/security.md).",
+        doc="The agent's secret certificate (`server.key_secret` from `sentinel-agent keys DIR`), with "
+        "`stats_curve.authorized_dir`; unset: the agent's own keys in `security.keys_dir` (docs/security.md).",
     )
     authorized_dir: str | None = option(
         None,
