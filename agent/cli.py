@@ -60,8 +60,10 @@ REPLAY_EPILOG = """exit codes:
 KEYS_DESCRIPTION = (
     "Create CURVE key pairs for the command and statistics channels in DIR: server.key/server.key_secret "
     "(the agent), client.key/client.key_secret (a trainer) and authorized/ holding the client's public "
-    "key. Then set commands.curve and stats_curve: {secret_file: DIR/server.key_secret, authorized_dir: "
-    "DIR/authorized} (docs/security.md)."
+    "key. `run` makes them by itself in <state_dir>/keys and advertises them to local trainers; use this "
+    "for keys you distribute (a Kubernetes Secret, a remote agent), then set commands.curve and stats_curve: "
+    "{secret_file: DIR/server.key_secret, authorized_dir: DIR/authorized}, or to rotate the agent's own "
+    "keys (--force on <state_dir>/keys while it is stopped). docs/security.md."
 )
 
 KEYS_EPILOG = """exit codes:

@@ -30,6 +30,7 @@ import zmq
 from agent.commands import Ack, Command, CommandError, Hello, decode
 from agent.config import CommandsConfig, bind_endpoint
 from agent.events import EventLog
+from agent.owners import RunOwners, peer_key
 from agent.receive import RateLimiter, clean
 from agent.socket_thread import SocketThread
 
@@ -86,8 +87,11 @@ class CommandServer(SocketThread):
         clock=time.time,
         poll_ms: int = 50,
         limiter: RateLimiter | None = None,
+        owners: RunOwners | None = None,
     ):
         self.cfg = cfg
+        self.curve = cfg.curve  # the agent replaces it with its own keys (agent/autokeys.py)
+        self.owners = owners
         self.events = events
         self.clock = clock
         self.poll_ms = poll_ms
@@ -113,7 +117,7 @@ class CommandServer(SocketThread):
         sock.setsockopt(zmq.MAXMSGSIZE, 4 * 64 * 1024)
         endpoint = bind_endpoint(self.cfg.endpoint)
         return self._bind_secured(
-            sock, endpoint, self.cfg.curve, channel="command", setting="commands.curve.authorized_dir"
+            sock, endpoint, self.curve, channel="command", setting="commands.curve.authorized_dir"
         )
 
     # -- API used by the supervisor (any thread) --------------------------------------------------
@@ -184,9 +188,11 @@ class CommandServer(SocketThread):
         assert self._sock is not None
         for _ in range(1000):
             try:
-                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                parts = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            key = peer_key(parts[-1]) if self.owners is not None else None
+            frames = [p.bytes for p in parts]
             identity, body = frames[0], frames[1:]
             while len(body) > 1 and body[0] == b"":
                 body = body[1:]  # a REQ-style empty delimiter
@@ -199,9 +205,9 @@ class CommandServer(SocketThread):
                 self._reject(exc.reason if exc.reason in REJECT_REASONS else "malformed", exc.detail)
                 continue
             if isinstance(msg, Hello):
-                self._hello(identity, msg)
+                self._hello(identity, msg, key)
             elif isinstance(msg, Ack):
-                self._ack(msg)
+                self._ack(msg, key)
             else:
                 self._reject("unexpected_type", "a trainer sent a command; only hello and ack are accepted")
 
@@ -211,7 +217,9 @@ class CommandServer(SocketThread):
         if self.limiter.allow("cmd_" + reason):
             logger.warning("rejected command-channel frame: reason=%s detail=%s", reason, clean(detail))
 
-    def _hello(self, identity: bytes, hello: Hello) -> None:
+    def _hello(self, identity: bytes, hello: Hello, key: str | None = None) -> None:
+        if self.owners is not None and not self.owners.admit(hello.run, key, "hello_from_another_key"):
+            return  # its commands stay with the run's own key
         with self._lock:
             known = self._peers.get(hello.run)
             self._peers[hello.run] = identity
@@ -223,7 +231,9 @@ class CommandServer(SocketThread):
                 "trainer of run %s connected for commands (rank %d, step %d)", clean(hello.run), hello.rank, hello.step
             )
 
-    def _ack(self, ack: Ack) -> None:
+    def _ack(self, ack: Ack, key: str | None = None) -> None:
+        if not self._ack_allowed(ack, key):
+            return
         with self._lock:
             p = self._pending.get(ack.id)
             if p is None:
@@ -236,12 +246,33 @@ class CommandServer(SocketThread):
                 self._reject("unknown_id", f"ack for unknown command id {ack.id!r}")
             return
         self._remember_done(ack.id)
-        self._log_event(
-            {"type": "ack", "id": ack.id, "run": ack.run, "status": ack.status, "step": ack.step, "detail": ack.detail}
-        )
+        record = {"type": "ack", "id": ack.id, "run": ack.run, "status": ack.status, "step": ack.step}
+        self._log_event({**record, "detail": ack.detail, **({"key": key} if key else {})})
         level = logging.INFO if ack.status in ("applied", "duplicate") else logging.WARNING
         logger.log(level, "command %s (%s) for run %s: %s at step %d %s", ack.id, p.command.action,
                    clean(ack.run), ack.status, ack.step, clean(ack.detail))  # fmt: skip
+
+    def _ack_allowed(self, ack: Ack, key: str | None) -> bool:
+        """Only the key that owns a command's run may acknowledge it, and only under that run's name."""
+        if self.owners is None:
+            return True
+        with self._lock:
+            p = self._pending.get(ack.id)
+            run = p.command.run if p is not None else None
+        if run is None:
+            return True  # unknown or already acknowledged: nothing to falsify, counted as such
+        if ack.run != run:
+            self.owners.refuse(
+                "ack_for_another_run", f"ack of command {ack.id} names run {clean(ack.run)}, not {clean(run)}"
+            )
+            return False
+        if key is not None and self.owners.owner(run) not in (None, key):
+            self.owners.refuse(
+                "ack_from_another_key", f"ack of command {ack.id} of run {clean(run)} from CURVE key {key}, "
+                f"the run belongs to {self.owners.owner(run)}",
+            )  # fmt: skip
+            return False
+        return True
 
     def _remember_done(self, cid: str) -> None:
         self._done[cid] = None

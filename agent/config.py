@@ -95,11 +95,27 @@ class ExportConfig:
 
 @dataclass
 class SecurityConfig:
+    insecure: bool = option(
+        False,
+        doc="Serve the statistics and command channels without CURVE (those without `stats_curve` / "
+        "`commands.curve`). Any process that can reach them can then feed false statistics, take a run's "
+        "commands and write false acks into the event log (docs/security.md); logged as a WARNING at every start.",
+    )
+    keys_dir: str | None = option(
+        None,
+        doc="Where the agent keeps the CURVE keys it makes itself (created mode 0700 at first start); "
+        "default: `<state_dir>/keys`.",
+    )
+    discovery_dir: str | None = option(
+        None,
+        doc="Where the agent writes one discovery file per channel for trainers of the same user; default: "
+        "`$SENTINEL_DISCOVERY_DIR`, else `$XDG_STATE_HOME/sentinel/agents` (`~/.local/state/sentinel/agents`).",
+    )
     allow_insecure_remote: bool = option(
         False,
-        doc="Allow `metrics.host` on a non-loopback address without mutual TLS (`metrics.client_cafile`), "
-        "`stats_endpoint` without `stats_curve` and `commands.endpoint` without `commands.curve`. None of "
-        "these is then authenticated, so keep this false unless the network is trusted.",
+        doc="Allow `metrics.host` on a non-loopback address without mutual TLS (`metrics.client_cafile`), and "
+        "with `security.insecure`, the ZeroMQ channels on a non-loopback address. None of these is then "
+        "authenticated, so keep this false unless the network is trusted.",
     )
 
 
@@ -131,7 +147,9 @@ class RecordingConfig:
 @dataclass
 class CurveConfig:
     secret_file: str | None = option(
-        None, doc="The agent's secret certificate (`server.key_secret` from `sentinel-agent keys DIR`)."
+        None,
+        doc="The agent's secret certificate (`server.key_secret` from `sentinel-agent keys DIR`); unset: "
+        "the agent's own keys in `security.keys_dir` (docs/security.md).",
     )
     authorized_dir: str | None = option(
         None, doc="Directory of client public certificates allowed to connect (`DIR/authorized`)."
@@ -142,8 +160,8 @@ class CurveConfig:
 class StatsCurveConfig:
     secret_file: str | None = option(
         None,
-        doc="The agent's secret certificate (`server.key_secret` from `sentinel-agent keys DIR`); with "
-        "`stats_curve.authorized_dir`, makes the statistics socket a CURVE server (docs/security.md).",
+        doc="The agent's secret certificate (`server.key_secret` from `sentinel-agent keys DIR`), with "
+        "`stats_curve.authorized_dir`; unset: the agent's own keys in `security.keys_dir` (docs/security.md).",
     )
     authorized_dir: str | None = option(
         None,
@@ -237,11 +255,13 @@ def validate(cfg: AgentConfig) -> AgentConfig:
             host, _ = parse_tcp_endpoint(ep)
         except ValueError as exc:
             raise ConfigError(f"stats_endpoint: {exc}; allowed: tcp://HOST:PORT or ipc://PATH") from None
-        if not is_loopback(host) and cfg.stats_curve.secret_file is None and not cfg.security.allow_insecure_remote:
+        plain = cfg.stats_curve.secret_file is None and cfg.security.insecure
+        if not is_loopback(host) and plain and not cfg.security.allow_insecure_remote:
             raise ConfigError(
-                f"stats_endpoint: {ep!r} is not a loopback address and stats_curve is not set; anyone who can "
-                "reach it could feed the agent false statistics, and so trigger rollbacks. Set stats_curve "
-                "(sentinel-agent keys DIR), or security.allow_insecure_remote: true on a trusted network"
+                f"stats_endpoint: {ep!r} is not a loopback address and security.insecure is true; anyone who "
+                "can reach it could feed the agent false statistics, and so trigger rollbacks. Drop "
+                "security.insecure (CURVE is the default), or set security.allow_insecure_remote: true on a "
+                "trusted network"
             )
     elif not (ep.startswith("ipc://") and len(ep) > len("ipc://")):
         raise ConfigError(f"stats_endpoint: {ep!r} is not allowed; allowed: tcp://HOST:PORT or ipc://PATH")
@@ -289,11 +309,12 @@ def _validate_commands(cfg: AgentConfig) -> None:
             host, _ = parse_tcp_endpoint(ep)
         except ValueError as exc:
             raise ConfigError(f"commands.endpoint: {exc}; allowed: tcp://HOST:PORT or ipc://PATH") from None
-        if not is_loopback(host) and curve.secret_file is None and not cfg.security.allow_insecure_remote:
+        plain = curve.secret_file is None and cfg.security.insecure
+        if not is_loopback(host) and plain and not cfg.security.allow_insecure_remote:
             raise ConfigError(
-                f"commands.endpoint: {ep!r} is not a loopback address and commands.curve is not set; "
-                "anyone who can reach it could roll the run back. Set commands.curve (sentinel-agent keys DIR), "
-                "or security.allow_insecure_remote: true on a trusted network"
+                f"commands.endpoint: {ep!r} is not a loopback address and security.insecure is true; "
+                "anyone who can reach it could roll the run back. Drop security.insecure (CURVE is the "
+                "default), or set security.allow_insecure_remote: true on a trusted network"
             )
     elif not (ep.startswith("ipc://") and len(ep) > len("ipc://")):
         raise ConfigError(f"commands.endpoint: {ep!r} is not allowed; allowed: tcp://HOST:PORT or ipc://PATH")

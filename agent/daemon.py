@@ -11,16 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 
 import zmq
 
 from agent import __version__
+from agent.autokeys import AutoKeys, Discovery, ensure_keys
 from agent.command_server import CommandServer
-from agent.config import AgentConfig, load_config, state_path
+from agent.config import AgentConfig, CurveConfig, load_config, state_path
 from agent.events import EventLog
 from agent.history import PushResult
 from agent.http import HTTPService, make_app
 from agent.metrics import make_registry
+from agent.owners import RunOwners
 from agent.protocol import StatsMessage
 from agent.receive import Receiver
 from agent.recording import StatsRecorder
@@ -43,7 +46,10 @@ class Agent:
         self.config = cfg = load_config(config)
         self.state = AgentState(cfg)
         self.events = EventLog(state_path(cfg, cfg.events.path, "events.jsonl"))
-        self.commands = CommandServer(cfg.commands, self.events) if cfg.commands.enabled else None
+        self.owners = RunOwners()
+        self.keys: AutoKeys | None = None
+        self.discovery = Discovery(cfg.security.discovery_dir)
+        self.commands = CommandServer(cfg.commands, self.events, owners=self.owners) if cfg.commands.enabled else None
         self.supervisor = Supervisor(cfg, self.events, send=self.commands.submit if self.commands else None)
         self.supervisor.on_decision = lambda decision: self.state.record_decision()
         self.recorder = (
@@ -59,8 +65,9 @@ class Agent:
         self.registry = make_registry(
             self.state, cfg, supervisor=self.supervisor, commands=self.commands, recorder=self.recorder
         )
-        self.receiver = Receiver(self.state, cfg, on_message=self._on_message)
+        self.receiver = Receiver(self.state, cfg, on_message=self._on_message, owners=self.owners)
         self.registry.register(self.receiver)  # the statistics channel's handshake counters
+        self.registry.register(self.owners)  # sentinel_agent_refused_total{reason}
         self.status = StatusBoard(
             self.state, self.supervisor, self.events, cfg, stats_endpoint=lambda: self.receiver.endpoint
         )
@@ -126,6 +133,7 @@ class Agent:
                 raise RuntimeError("a stopped agent cannot be restarted; create a new one")
             self._started = True
         try:
+            self._secure()
             try:
                 self.receiver.bind()
             except (zmq.ZMQError, OSError, ValueError) as exc:
@@ -145,7 +153,8 @@ class Agent:
                 ).start()
             except (OSError, ValueError) as exc:
                 raise AgentStartError(f"cannot serve metrics on {m.host}:{m.port}: {exc}") from exc
-            self._open_state()  # after the listeners: a busy port fails before any file is touched
+            self._advertise()
+            self._open_state()  # after the listeners: a busy port fails before the event log is touched
             self.receiver.start()
             if self.commands is not None:
                 self.commands.start()
@@ -162,6 +171,59 @@ class Agent:
             self.events.path,
         )
         return self
+
+    def _secure(self) -> None:
+        """CURVE for every channel without explicit keys, with the agent's own keys (agent/autokeys.py);
+        with ``security.insecure`` those channels stay plain, said at every start."""
+        cfg = self.config
+        auto = [name for name, curve, on in self._channels() if on and curve.secret_file is None]
+        if not auto:
+            return
+        if cfg.security.insecure:
+            logger.warning(
+                "security.insecure is true: the %s channel(s) are NOT authenticated. Any process that can reach "
+                "them can feed false statistics, take a run's commands and write false acks into %s "
+                "(docs/security.md); drop security.insecure to have CURVE",
+                " and ".join(auto),
+                self.events.path,
+            )
+            return
+        keys_dir = cfg.security.keys_dir or str(Path(cfg.state_dir) / "keys")
+        try:
+            self.keys = keys = ensure_keys(keys_dir)
+        except OSError as exc:
+            raise AgentStartError(f"cannot use the CURVE keys in {keys_dir}: {exc}") from exc
+        own = CurveConfig(secret_file=str(keys.server_secret_file), authorized_dir=str(keys.authorized_dir))
+        if "statistics" in auto:
+            self.receiver.curve = own
+        if "command" in auto and self.commands is not None:
+            self.commands.curve = own
+
+    def _channels(self) -> list[tuple[str, object, bool]]:
+        cfg = self.config
+        return [("statistics", cfg.stats_curve, True), ("command", cfg.commands.curve, self.commands is not None)]
+
+    def _advertise(self) -> None:
+        """Discovery files for the channels served with the agent's own keys (a trainer of this user reads them)."""
+        if self.keys is None:
+            return
+        if self.keys.created:
+            logger.info("created the agent's CURVE keys in %s", self.keys.directory)
+        served = [("statistics", self.receiver.endpoint, self.receiver.curve)]
+        if self.commands is not None:
+            served.append(("commands", self.commands.endpoint, self.commands.curve))
+        for channel, endpoint, curve in served:
+            if endpoint and curve.secret_file == str(self.keys.server_secret_file):
+                try:
+                    paths = self.discovery.write(endpoint, channel, self.keys)
+                except OSError as exc:
+                    logger.warning(
+                        "cannot write the discovery file for %s in %s (%s): trainers must be given "
+                        "%s/client.key_secret and server.key (publish.curve, control.curve)",
+                        endpoint, self.discovery.directory, exc, self.keys.directory,
+                    )  # fmt: skip
+                    continue
+                logger.info("%s channel: CURVE keys for trainers in %s", channel, paths[0])
 
     def _open_state(self) -> None:
         try:
@@ -189,6 +251,7 @@ class Agent:
             if self._stopped:
                 return
             self._stopped = True
+        self.discovery.remove()
         self.receiver.stop()
         if self.commands is not None:
             self.commands.stop()

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from agent import protocol
 from agent.config import AgentConfig, bind_endpoint
 from agent.history import PushResult, SeriesKey
+from agent.owners import RunOwners, peer_key
 from agent.protocol import ProtocolError, StatsMessage
 from agent.socket_thread import SocketThread
 from agent.state import AgentState
@@ -33,6 +34,7 @@ logger = logging.getLogger("sentinel.agent")
 RCVHWM = 10_000
 DRAIN_BATCH = 1000
 LOG_DETAIL_CHARS = 300
+CURVE_OVERHEAD = 64  # a CURVE MESSAGE adds 33 bytes (command name, nonce, MAC, flags) to each frame on the wire
 
 
 def clean(text: str, limit: int = LOG_DETAIL_CHARS) -> str:
@@ -107,8 +109,11 @@ class Receiver(SocketThread):
         poll_ms: int = 100,
         limiter: RateLimiter | None = None,
         on_message: Callable[[StatsMessage, PushResult, float], None] | None = None,
+        owners: RunOwners | None = None,
     ):
         self.state = state
+        self.curve = config.stats_curve  # the agent replaces it with its own keys (agent/autokeys.py)
+        self.owners = owners
         self.on_message = on_message
         self.config = config
         self.max_bytes = config.limits.max_message_bytes
@@ -131,11 +136,11 @@ class Receiver(SocketThread):
         sock = self._context.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
-        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_bytes + CURVE_OVERHEAD)
         return self._bind_secured(
             sock,
             endpoint,
-            self.config.stats_curve,
+            self.curve,
             channel="statistics",
             setting="stats_curve.authorized_dir",
             allow_log=RateLimiter().allow,
@@ -167,10 +172,11 @@ class Receiver(SocketThread):
             if self._stop.is_set():
                 return
             try:
-                first = self._sock.recv(flags=zmq.NOBLOCK, copy=True)
+                head = self._sock.recv(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            frames, count = [first], 1
+            key = peer_key(head) if self.owners is not None else None
+            frames, count = [head.bytes], 1
             while self._sock.getsockopt(zmq.RCVMORE):
                 frame = self._sock.recv(copy=True)  # the rest of a multipart message is already here
                 count += 1
@@ -179,16 +185,22 @@ class Receiver(SocketThread):
             if count != 3:
                 self.reject(ProtocolError("frame_count", f"{count} frames, expected 3"))
                 continue
-            self.handle(frames)
+            self.handle(frames, key=key)
 
-    def handle(self, frames: Sequence[bytes], received_at: float | None = None) -> StatsMessage | None:
+    def handle(
+        self, frames: Sequence[bytes], received_at: float | None = None, key: str | None = None
+    ) -> StatsMessage | None:
         """Decode, check and record one message; returns it, or None if it was rejected.
 
-        Never raises for anything in ``frames``: unexpected errors count as ``bad_field``.
+        ``key``: the sender's CURVE public key; a message for a run another key owns is refused
+        (agent/owners.py) before anything is recorded.  Never raises for anything in ``frames``:
+        unexpected errors count as ``bad_field``.
         """
         received_at = time.time() if received_at is None else received_at
         try:
             msg = protocol.decode(list(frames), self._layouts, max_bytes=self.max_bytes, max_layouts=self.max_layouts)
+            if self.owners is not None and not self.owners.admit(msg.run, key, "statistics_from_another_key"):
+                return None
             result = self.state.record_message(msg, received_at)
         except ProtocolError as exc:
             self.reject(exc)

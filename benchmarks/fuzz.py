@@ -457,7 +457,7 @@ class TrainerCommandTarget:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         port = self.router.bind_to_random_port("tcp://127.0.0.1")
-        self.client = ControlClient(f"tcp://127.0.0.1:{port}", "run", hello_interval=0.1)
+        self.client = ControlClient(f"tcp://127.0.0.1:{port}", "run", hello_interval=0.1, insecure=True)
         deadline = time.monotonic() + 10
         while not self.router.poll(20):  # IMMEDIATE: the hello goes out once connected
             self.client.hello(0, force=True)

@@ -156,7 +156,9 @@ class Sentinel:
         publishes = config.publish.ranks == "all" or self.rank == 0
         if config.publish.enabled and publishes:
             pub = config.publish
-            self.publisher = Publisher(pub.endpoint, self.run, self.rank, pub.queue, curve=pub.curve)
+            self.publisher = Publisher(
+                pub.endpoint, self.run, self.rank, pub.queue, curve=pub.curve, insecure=pub.insecure
+            )
             log.info("sentinel: run %r rank %d publishing to %s", self.run, self.rank, config.publish.endpoint)
         self.checkpoints = CheckpointManager.create(self, config.checkpoint)
         self.control = Control(self, config.control)

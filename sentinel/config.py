@@ -40,7 +40,8 @@ class PublishCurveConfig:
     secret_file: str | None = option(
         None,
         doc="The trainer's secret certificate (`client.key_secret` from `sentinel-agent keys DIR`); with "
-        "`publish.curve.server_public_file`, statistics go out over CURVE (docs/security.md).",
+        "`publish.curve.server_public_file`, these keys instead of the local agent's discovery file "
+        "(docs/security.md).",
     )
     server_public_file: str | None = option(
         None, doc="The agent's public certificate (`server.key` from `sentinel-agent keys DIR`)."
@@ -62,9 +63,15 @@ class PublishConfig:
         1000, range=(1, 1_000_000), doc="Messages buffered while the agent is slow; beyond this they drop."
     )
     ranks: str = option("zero", choices=("zero", "all"), doc="Which ranks publish: rank 0 only, or every rank.")
+    insecure: bool = option(
+        False,
+        doc="Publish without CURVE when `publish.curve` is not set. By default the keys come from the local "
+        "agent's discovery file (docs/security.md); without them any process that binds the endpoint first "
+        "receives the statistics. Logged as a WARNING at every start.",
+    )
     allow_insecure_remote: bool = option(
         False,
-        doc="Allow a non-loopback `endpoint` without `publish.curve`: statistics then travel in clear "
+        doc="With `publish.insecure`, allow a non-loopback `endpoint`: statistics then travel in clear "
         "to whoever listens there.",
     )
     curve: PublishCurveConfig = field(default_factory=PublishCurveConfig)
@@ -189,7 +196,8 @@ class OptimConfig:
 class CurveConfig:
     secret_file: str | None = option(
         None,
-        doc="The trainer's secret certificate (from `sentinel-agent keys DIR`); with the next key, turns CURVE on.",
+        doc="The trainer's secret certificate (from `sentinel-agent keys DIR`); with the next key, these keys "
+        "instead of the local agent's discovery file.",
     )
     server_public_file: str | None = option(
         None, doc="The agent's public certificate (from `sentinel-agent keys DIR`)."
@@ -216,8 +224,14 @@ class ControlConfig:
     remember: int = option(
         1024, range=(16, 1_000_000), doc="Command ids remembered (in sentinel's state_dict) to refuse duplicates."
     )
+    insecure: bool = option(
+        False,
+        doc="Take commands without CURVE when `control.curve` is not set. By default the keys come from the "
+        "local agent's discovery file (docs/security.md); without them any process that binds the endpoint "
+        "first can roll back or stop the run. Logged as a WARNING at every start.",
+    )
     allow_insecure_remote: bool = option(
-        False, doc="Allow a non-loopback `endpoint` without CURVE. Commands can roll back or stop the run."
+        False, doc="With `control.insecure`, allow a non-loopback `endpoint`. Commands can roll back or stop the run."
     )
     curve: CurveConfig = field(default_factory=CurveConfig)
 

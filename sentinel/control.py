@@ -54,28 +54,47 @@ _RANK = {"failed": 0, "rejected": 1, "applied": 2}  # the all-reduced outcome is
 class ControlClient:
     """Rank 0's DEALER socket to the agent's command endpoint; every call returns at once."""
 
-    def __init__(self, endpoint: str, run: str, hello_interval: float = 5.0, curve: CurveConfig | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        run: str,
+        hello_interval: float = 5.0,
+        curve: CurveConfig | None = None,
+        insecure: bool = False,
+    ):
+        """Keys from ``curve``, else discovered (sentinel/curve.py ``Security``), or none with ``insecure``."""
         self.run, self.endpoint, self.hello_interval = run, endpoint, hello_interval
         self.received = self.invalid = self.acks_dropped = self.hellos = 0
         self._next_hello = 0.0
+        self.security = _curve.Security("control", endpoint, curve, insecure, what="commands")
         self._ctx = zmq.Context(io_threads=1)
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.IMMEDIATE, 1)
-        self._sock.setsockopt(zmq.SNDHWM, 100)
-        self._sock.setsockopt(zmq.RCVHWM, 100)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_MESSAGE_BYTES)
-        if curve is not None and curve.secret_file:
-            try:
-                _curve.set_client_keys(self._sock, "control", curve)
-            except Exception:
-                self.close()
-                raise
-        self._sock.connect(endpoint)
+        self._sock: zmq.Socket | None = None
+        self._open()
+
+    def _open(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if not self.security.ready:
+            return
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, 100)
+        sock.setsockopt(zmq.RCVHWM, 100)
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_MESSAGE_BYTES)
+        self.security.apply(sock)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._next_hello = 0.0  # a new connection says hello at once
 
     def receive(self, limit: int = 32) -> list[Command]:
         """Commands waiting now (validated), at most ``limit``; invalid messages are answered and counted."""
         out: list[Command] = []
+        if self.security.poll():
+            self._open()
+        if self._sock is None:
+            return out
         for _ in range(limit):
             try:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK)
@@ -118,6 +137,8 @@ class ControlClient:
 
     def _send(self, data: bytes, count_drop: bool = False) -> bool:
         try:
+            if self._sock is None:
+                raise zmq.Again
             self._sock.send(data, zmq.NOBLOCK)
             return True
         except zmq.Again:
@@ -129,7 +150,9 @@ class ControlClient:
             return False
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
         self._ctx.term()
 
 
@@ -152,7 +175,9 @@ class Control:
         if config.enabled and collectives.active():
             collectives.cpu_group()  # created here, on every rank, in the same order
         if config.enabled and self.rank == 0:
-            self.client = ControlClient(config.endpoint, sn.run, config.hello_interval, config.curve)
+            self.client = ControlClient(
+                config.endpoint, sn.run, config.hello_interval, config.curve, insecure=config.insecure
+            )
             self.client.hello(sn.step, force=True)
             log.info("sentinel: taking commands for run %r from %s", sn.run, config.endpoint)
 
@@ -204,7 +229,9 @@ class Control:
                 self.unknown_run += 1
                 log.warning("sentinel: command %s is for run %r, this is %r: ignored", cmd.id, cmd.run, self.sn.run)
                 self._ack(cmd, "unknown_run", f"this trainer runs {self.sn.run!r}")
-            elif cmd.id in self.handled or cmd.id in seen:
+            elif cmd.id in seen:
+                self.duplicates += 1  # a resend in the same batch: the first copy's ack answers both
+            elif cmd.id in self.handled:
                 self.duplicates += 1
                 status, step = self.handled.get(cmd.id, ("pending", self.sn.step))
                 log.info(

@@ -1,17 +1,26 @@
 """The trainer's side of CURVE, shared by the statistics publisher and the command client.
 
-Both channels connect to the agent; off this host they must be authenticated (docs/security.md),
-so an endpoint that is not loopback needs ``<section>.curve`` unless ``<section>.allow_insecure_remote``.
+Both channels are CURVE clients by default (docs/security.md): with ``<section>.curve`` the
+configured key files (a mounted Secret, a remote agent), otherwise the keys a local agent
+advertised for the endpoint (sentinel/discovery.py).  Only ``<section>.insecure: true`` connects
+without authentication, said in a WARNING at every start; off loopback it also needs
+``<section>.allow_insecure_remote``.  ``Security`` is what a socket asks for its keys: it never
+blocks, so the trainer's step does not wait on authentication (the handshake itself runs in
+ZeroMQ's I/O thread).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import zmq
 import zmq.auth
 
 from agent.typedconfig import ConfigError
+from sentinel.discovery import ChannelKeys
+
+log = logging.getLogger("sentinel")
 
 
 def check_endpoint(section: str, config: Any, risk: str) -> None:
@@ -19,6 +28,11 @@ def check_endpoint(section: str, config: Any, risk: str) -> None:
     from agent.config import is_loopback
 
     ep = config.endpoint
+    if config.allow_insecure_remote and not config.insecure:
+        raise ConfigError(
+            f"{section}.allow_insecure_remote: needs {section}.insecure: true (the channel is authenticated "
+            f"with CURVE by default; set {section}.curve for a remote agent)"
+        )
     if not ep.startswith("tcp://"):
         if not ep.startswith(("ipc://", "inproc://")) or ep.endswith("://"):
             raise ConfigError(f"{section}.endpoint: {ep!r} must be tcp://HOST:PORT, ipc://PATH or inproc://NAME")
@@ -26,10 +40,11 @@ def check_endpoint(section: str, config: Any, risk: str) -> None:
     host, _, port = ep[len("tcp://") :].rpartition(":")
     if not host.strip("[]") or not port:
         raise ConfigError(f"{section}.endpoint: {ep!r} must be tcp://HOST:PORT")
-    if not is_loopback(host) and config.curve.secret_file is None and not config.allow_insecure_remote:
+    plain = config.curve.secret_file is None and config.insecure
+    if not is_loopback(host) and plain and not config.allow_insecure_remote:
         raise ConfigError(
-            f"{section}.endpoint: {ep!r} is not a loopback address and {section}.curve is not set; {risk}. "
-            f"Set {section}.curve, or {section}.allow_insecure_remote: true"
+            f"{section}.endpoint: {ep!r} is not a loopback address and {section}.insecure is true; {risk}. "
+            f"Drop {section}.insecure (CURVE is the default), or set {section}.allow_insecure_remote: true"
         )
 
 
@@ -54,3 +69,69 @@ def client_keys(section: str, curve: Any) -> tuple[bytes, bytes, bytes]:
 def set_client_keys(sock: zmq.Socket, section: str, curve: Any) -> None:
     public, secret, server = client_keys(section, curve)
     sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server
+
+
+class Security:
+    """Where one trainer socket gets its CURVE keys: configured files, discovery, or none (insecure).
+
+    ``keys`` is None while a discovering socket has found nothing yet; such a socket is not
+    connected at all (its messages are dropped and counted, as with no agent).  ``poll()`` is
+    cheap enough for every step and says when the keys changed.
+    """
+
+    def __init__(self, section: str, endpoint: str, curve: Any = None, insecure: bool = False, what: str = ""):
+        self.section, self.endpoint, self.what = section, endpoint, what or section
+        self.discovered: ChannelKeys | None = None
+        self.keys: tuple[bytes, bytes, bytes] | None = None
+        self.mode = "insecure" if insecure and not (curve is not None and curve.secret_file) else "curve"
+        self._warned = False
+        if curve is not None and curve.secret_file:
+            self.keys = client_keys(section, curve)
+        elif insecure:
+            log.warning(
+                "sentinel: %s.insecure is true: %s go to %s without authentication; any local process that "
+                "binds it first receives them%s (docs/security.md)",
+                section, self.what, endpoint,
+                " and can command this run" if section == "control" else "",
+            )  # fmt: skip
+        else:
+            self.mode = "discovered"
+            self.discovered = ChannelKeys(endpoint)
+            self.keys = self.discovered.keys
+            if self.keys is None:
+                self._say_missing()
+
+    def poll(self) -> bool:
+        """True when new keys were discovered (rebuild the socket with ``apply``)."""
+        if self.discovered is None or not self.discovered.poll():
+            if self.discovered is not None and self.keys is None and self.discovered.problem:
+                self._say_missing()
+            return False
+        first = self.keys is None
+        self.keys = self.discovered.keys
+        log.info(
+            "sentinel: %s: CURVE keys for %s %s from %s",
+            self.section, self.endpoint, "found" if first else "changed, reconnecting", self.discovered.path,
+        )  # fmt: skip
+        return True
+
+    def _say_missing(self) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        assert self.discovered is not None
+        log.warning(
+            "sentinel: %s: no CURVE keys for the agent at %s yet: %s. %s are dropped (counted) until an agent "
+            "there has started (it writes the file; $SENTINEL_DISCOVERY_DIR moves it), or set %s.curve "
+            "(keys of `sentinel-agent keys DIR`, e.g. a mounted Secret)",
+            self.section, self.endpoint, self.discovered.problem, self.what.capitalize(), self.section,
+        )  # fmt: skip
+
+    def apply(self, sock: zmq.Socket) -> None:
+        if self.keys is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self.keys
+
+    @property
+    def ready(self) -> bool:
+        """False while a discovering socket has no keys: do not connect (nothing would be authenticated)."""
+        return self.mode == "insecure" or self.keys is not None

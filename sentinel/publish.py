@@ -13,9 +13,12 @@ then does the "agent not reachable" warning mean it.  ``close`` gives
 held and queued messages a bounded moment (``CLOSE_SECONDS``) to leave, so the counters a
 short run reports after ``close()`` are what the agent got.
 
-With ``publish.curve`` the socket is a CURVE client (docs/security.md).  A refused handshake
-(wrong key, or an agent without CURVE) leaves the socket with no connected peer, so with
-``IMMEDIATE`` every message is dropped and counted at once, exactly as with no agent.
+The socket is a CURVE client (docs/security.md): keys from ``publish.curve``, or from the local
+agent's discovery file (sentinel/curve.py ``Security``), unless ``publish.insecure``.  Until keys
+are found there is no socket, and later keys (an agent restarted with new ones) rebuild it.  A
+refused handshake (wrong key, an impostor without the agent's secret) leaves the socket with no
+connected peer, so with ``IMMEDIATE`` every message is dropped and counted at once, exactly as
+with no agent.
 """
 
 from __future__ import annotations
@@ -54,27 +57,48 @@ def check_endpoint(config: PublishConfig) -> None:
 
 
 class Publisher:
-    def __init__(self, endpoint: str, run: str, rank: int, queue: int = 1000, curve: PublishCurveConfig | None = None):
-        """``curve``: the trainer's key pair and the agent's public key; raises ConfigError if unreadable."""
-        keys = _curve.client_keys("publish", curve) if curve is not None and curve.secret_file else None
+    def __init__(
+        self,
+        endpoint: str,
+        run: str,
+        rank: int,
+        queue: int = 1000,
+        curve: PublishCurveConfig | None = None,
+        insecure: bool = False,
+    ):
+        """``curve``: the trainer's key pair and the agent's public key (raises ConfigError if unreadable);
+        without it the discovered keys, or none with ``insecure``."""
+        self.security = _curve.Security("publish", endpoint, curve, insecure, what="statistics")
+        self.endpoint, self.queue = endpoint, queue
         self.run, self.rank = run, rank
         self.sent = 0
         self.dropped = 0
         self._seq = 0
         self._layouts: dict[protocol.Layout, tuple[bytes, str]] = {}
         self._ctx = zmq.Context(io_threads=1)
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, queue)
-        self._sock.setsockopt(zmq.IMMEDIATE, 1)
-        if keys is not None:
-            self._sock.curve_publickey, self._sock.curve_secretkey, self._sock.curve_serverkey = keys
-        self._monitor: zmq.Socket | None = self._sock.get_monitor_socket(_SETTLED)
-        self._sock.connect(endpoint)
-        self._connected_at = time.monotonic()
-        self._queue = queue
+        self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._connected_at = 0.0
         self._held: deque[list[bytes]] = deque()
+        self._open()
         self._warned = False
+
+    def _open(self) -> None:
+        self._stop_monitor()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if not self.security.ready:
+            return
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.queue)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.security.apply(sock)
+        self._monitor = sock.get_monitor_socket(_SETTLED)
+        sock.connect(self.endpoint)
+        self._connected_at = time.monotonic()
+        self._sock = sock
 
     def publish(self, step: int, layout: protocol.Layout, data: np.ndarray) -> bool:
         """Queue one message; returns False (and counts a drop) if it cannot be queued now."""
@@ -82,6 +106,8 @@ class Publisher:
             raw = layout.encode()
             self._layouts[layout] = (raw, protocol.layout_id(raw))
         raw, lid = self._layouts[layout]
+        if self.security.poll():
+            self._open()
         self._seq += 1
         header = protocol.encode_header(
             run=self.run,
@@ -97,6 +123,8 @@ class Publisher:
         if self._held and not self._flush_held():
             return self._refused(frames)
         try:
+            if self._sock is None:
+                raise zmq.Again
             self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
             return self._refused(frames)
@@ -115,12 +143,13 @@ class Publisher:
 
     def _stop_monitor(self) -> None:
         if self._monitor is not None:
-            self._sock.disable_monitor()
+            if self._sock is not None:
+                self._sock.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
 
     def _refused(self, frames: list[bytes]) -> bool:
-        if self._settling() and len(self._held) < self._queue:
+        if self._settling() and len(self._held) < self.queue:
             self._held.append(frames)
             return True
         self.dropped += 1 + len(self._held)
@@ -133,6 +162,8 @@ class Publisher:
     def _flush_held(self) -> bool:
         """Send the held messages in order; True once none is left."""
         while self._held:
+            if self._sock is None:
+                return False
             try:
                 self._sock.send_multipart(self._held[0], flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -144,12 +175,14 @@ class Publisher:
     def close(self) -> None:
         """Give held and queued messages up to ``CLOSE_SECONDS`` to leave, then close."""
         deadline = time.monotonic() + CLOSE_SECONDS
-        while self._held and not self._flush_held() and time.monotonic() < deadline:
+        while self._sock is not None and self._held and not self._flush_held() and time.monotonic() < deadline:
             self._sock.poll(50, zmq.POLLOUT)
         self.dropped += len(self._held)
         self._held.clear()
         self._stop_monitor()
-        self._sock.close(linger=max(0, int((deadline - time.monotonic()) * 1000)) if self.sent else 0)
+        if self._sock is not None:
+            self._sock.close(linger=max(0, int((deadline - time.monotonic()) * 1000)) if self.sent else 0)
+            self._sock = None
         self._ctx.term()
 
 

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent import protocol
 from agent.events import read_events
 from agent.spawn import AgentProcess
+from sentinel.discovery import discovery_path, read_keys
 
 
 def free_port() -> int:
@@ -164,14 +165,24 @@ def fetch(url: str, timeout: float = 5.0) -> str:
         return response.read().decode()
 
 
-class Pusher:
-    """A trainer-like PUSH socket connected to the agent."""
+def discovered_keys(endpoint: str) -> tuple[bytes, bytes, bytes]:
+    """(public, secret, server public) a trainer of this user finds for ``endpoint`` (sentinel/discovery.py)."""
+    return read_keys(discovery_path(endpoint))
 
-    def __init__(self, endpoint: str):
+
+class Pusher:
+    """A trainer-like PUSH socket connected to the agent, with the keys a trainer would discover
+    (``curve`` other keys; ``plain=True`` none, as an unauthenticated process would)."""
+
+    def __init__(self, endpoint: str, *, curve: tuple[bytes, bytes, bytes] | None = None, plain: bool = False):
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.SNDTIMEO, 5000)
+        if not plain:
+            self.sock.curve_publickey, self.sock.curve_secretkey, self.sock.curve_serverkey = curve or discovered_keys(
+                endpoint
+            )
         self.sock.connect(endpoint)
 
     def send(self, frames: Sequence[bytes]) -> None:

@@ -7,15 +7,22 @@ import time
 import zmq
 
 from agent.commands import Ack, Command, Hello, decode
+from sentinel.discovery import discovery_path, read_keys
 
 
 class TrainerClient:
     """What a trainer's rank 0 does on the command channel, written against agent.commands only."""
 
-    def __init__(self, endpoint: str, run: str = "r", *, curve: tuple[bytes, bytes, bytes] | None = None):
+    def __init__(
+        self, endpoint: str, run: str = "r", *, curve: tuple[bytes, bytes, bytes] | None = None, plain: bool = False
+    ):
+        """``curve``: the client's (public, secret, server public) keys; without it, the keys a trainer
+        of this user discovers for ``endpoint`` (sentinel/discovery.py), or none with ``plain=True``."""
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is None and not plain:
+            curve = read_keys(discovery_path(endpoint))
         if curve is not None:
             self.sock.curve_publickey, self.sock.curve_secretkey, self.sock.curve_serverkey = curve
         self.sock.connect(endpoint)

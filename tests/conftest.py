@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Agents advertise their CURVE keys in a discovery directory (docs/security.md) that trainers,
+# in this process and in every child, find on their own: the suite's lives apart from ~/.local.
+_DISCOVERY = tempfile.TemporaryDirectory(prefix="sentinel-discovery-")
+os.environ.setdefault("SENTINEL_DISCOVERY_DIR", _DISCOVERY.name)
 
 from agent_proc import AgentProc, require_binary  # noqa: E402
 

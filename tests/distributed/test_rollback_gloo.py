@@ -86,6 +86,7 @@ def _worker(rank: int, port: int, ckpt_dir: str, endpoint: str, out_dir: str, as
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_rollback_on_two_gloo_ranks_leaves_them_identical(tmp_path: Path, async_save: bool) -> None:
     import zmq
+    from fake_agent import bind_secured
     from ranks import Ranks  # not at the top: the workers run this file without tests/ on their path
 
     from agent.commands import Ack, Command, decode
@@ -93,7 +94,7 @@ def test_rollback_on_two_gloo_ranks_leaves_them_identical(tmp_path: Path, async_
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
-    endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    endpoint = bind_secured(router, tmp_path / "agent-keys")  # CURVE, advertised as the agent does
     ckpt = tmp_path / "ckpt"
     try:
         with Ranks(HERE, ckpt, endpoint, tmp_path, int(async_save), log_dir=tmp_path) as ranks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -144,9 +145,12 @@ def test_restart_reuses_ports_and_the_trainer_socket_reconnects(running_agent):
     assert scrape.value("sentinel_training_step") == 2
 
 
+_CWD = tempfile.TemporaryDirectory(prefix="sentinel-bad-input-")  # where an agent that starts keeps its state
+
+
 def run_agent(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "agent", "run", "--commands-endpoint", "tcp://127.0.0.1:*", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=_CWD.name)
 
 
 def test_stats_port_in_use_exits_1_with_one_line(running_agent):
@@ -164,7 +168,10 @@ def test_metrics_port_in_use_exits_1_with_one_line(running_agent):
     assert "cannot serve metrics" in line and "in use" in line
 
 
-def test_non_loopback_address_is_refused_with_exit_2():
-    result = run_agent("--stats-endpoint", "tcp://0.0.0.0:*", "--metrics-port", "0")
+def test_unauthenticated_non_loopback_address_is_refused_with_exit_2(tmp_path):
+    (tmp_path / "agent.yaml").write_text("security: {insecure: true}\n")
+    result = run_agent(
+        "--stats-endpoint", "tcp://0.0.0.0:*", "--metrics-port", "0", "--config", str(tmp_path / "agent.yaml")
+    )
     assert result.returncode == 2
     assert "security.allow_insecure_remote" in result.stderr and "Traceback" not in result.stderr

@@ -49,7 +49,7 @@ def command(cid: str = "c-1", run: str = "r", action: str = "rollback") -> Comma
 
 def test_command_is_resent_with_the_same_id_until_acknowledged(server):
     srv, events = server()
-    client = TrainerClient(srv.endpoint)
+    client = TrainerClient(srv.endpoint, plain=True)
     try:
         client.hello(step=10)
         wait_until(lambda: srv.connected_runs == ["r"])
@@ -73,7 +73,7 @@ def test_command_for_a_run_without_trainer_waits_for_its_hello(server, caplog):
     srv.submit([command(run="late")])
     wait_until(lambda: srv.snapshot().undeliverable == 1)
     assert "no trainer of this run has said hello" in caplog.text
-    client = TrainerClient(srv.endpoint, run="late")
+    client = TrainerClient(srv.endpoint, run="late", plain=True)
     try:
         client.hello()
         cmd = client.receive()
@@ -88,7 +88,7 @@ def test_command_for_a_run_without_trainer_waits_for_its_hello(server, caplog):
 
 def test_bad_frames_are_counted_by_reason_and_the_server_carries_on(server, caplog):
     srv, _ = server()
-    client = TrainerClient(srv.endpoint)
+    client = TrainerClient(srv.endpoint, plain=True)
     try:
         client.send_raw(b"not json")
         client.send_raw(json.dumps({"v": 2, "type": "hello"}).encode())
@@ -120,7 +120,7 @@ def test_restored_pending_command_is_resent_after_restart(server, tmp_path):
     log.close()
     srv, events = server()
     srv.restore(list(read_events(path)))
-    client = TrainerClient(srv.endpoint)
+    client = TrainerClient(srv.endpoint, plain=True)
     try:
         client.hello()
         got = client.receive()
@@ -178,7 +178,7 @@ def test_plain_client_cannot_talk_to_a_curve_server(server, tmp_path):
     keys = tmp_path / "keys"
     cli.main(["keys", str(keys)])
     srv, _ = server(curve={"secret_file": str(keys / "server.key_secret"), "authorized_dir": str(keys / "authorized")})
-    plain = TrainerClient(srv.endpoint)
+    plain = TrainerClient(srv.endpoint, plain=True)
     try:
         plain.hello()
         wait_until(lambda: srv.snapshot().handshake_failures >= 1)
@@ -192,10 +192,11 @@ def run_agent(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=cwd)
 
 
-def test_non_loopback_command_endpoint_without_curve_exits_2(tmp_path):
-    result = run_agent("--commands-endpoint", "tcp://0.0.0.0:0", cwd=tmp_path)
+def test_non_loopback_command_endpoint_without_authentication_exits_2(tmp_path):
+    (tmp_path / "agent.yaml").write_text("security: {insecure: true}\n")
+    result = run_agent("--commands-endpoint", "tcp://0.0.0.0:0", "--config", str(tmp_path / "agent.yaml"), cwd=tmp_path)
     assert result.returncode == 2
-    assert "commands.endpoint: 'tcp://0.0.0.0:0' is not a loopback address and commands.curve is not set" in (
+    assert "commands.endpoint: 'tcp://0.0.0.0:0' is not a loopback address and security.insecure is true" in (
         result.stderr
     )
     assert "Traceback" not in result.stderr

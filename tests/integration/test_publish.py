@@ -8,17 +8,19 @@ import numpy as np
 import pytest
 import torch
 import zmq
+from fake_agent import bind_secured
 
 import sentinel
 from agent import protocol
 
 
 @pytest.fixture
-def pull():
+def pull(tmp_path):
+    """A PULL socket playing the agent: CURVE, its keys advertised as the agent does (tests/fake_agent.py)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.bind("tcp://127.0.0.1:*")
+    bind_secured(sock, tmp_path / "keys")
     yield sock
     sock.close()
     ctx.term()

@@ -101,13 +101,14 @@ def _spawn(*args: str) -> subprocess.Popen:
 
 def test_rollback_then_continue_is_bitwise_equal_to_a_fresh_resume(tmp_path: Path) -> None:
     import zmq
+    from fake_agent import bind_secured
 
     from agent.commands import Command, decode
 
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
-    endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    endpoint = bind_secured(router, tmp_path / "agent-keys")  # CURVE, advertised as the agent does
     marker = tmp_path / "at-step"
     a = _spawn("rollback", str(tmp_path / "a"), str(tmp_path / "a.pt"), endpoint, str(marker))
     step12 = str(tmp_path / "a" / "step-12")

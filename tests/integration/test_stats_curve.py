@@ -107,7 +107,7 @@ def test_authorised_publisher_gets_through_and_strangers_never_do(curve_agent, k
 
 
 def test_plain_client_is_refused_and_counted(curve_agent):
-    plain = Publisher(curve_agent.stats_endpoint, "plain", 0)
+    plain = Publisher(curve_agent.stats_endpoint, "plain", 0, insecure=True)
     slowest = publish_timed(plain, range(100), 1.0)
     raw_push(curve_agent.stats_endpoint, None, make_frames(run="plain-raw", scalars={"loss": 1.0}), 50)
     scrape = curve_agent.wait_for(lambda s: (s.value("sentinel_agent_stats_handshake_failures_total") or 0) >= 2)
@@ -118,7 +118,7 @@ def test_plain_client_is_refused_and_counted(curve_agent):
     assert "statistics channel: handshake failed" in curve_agent.log()
 
 
-def test_curve_client_to_a_plain_agent_never_blocks(running_agent, keys):
+def test_curve_client_with_another_agents_key_never_blocks(running_agent, keys):
     agent_keys, _ = keys
     pub = Publisher(running_agent.stats_endpoint, "r", 0, curve=client_curve(agent_keys, agent_keys["server_public"]))
     slowest = publish_timed(pub, range(100), 1.0)
@@ -134,9 +134,10 @@ def run_agent(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_non_loopback_stats_endpoint_needs_curve_or_the_override(tmp_path, keys):
-    result = run_agent("--stats-endpoint", "tcp://0.0.0.0:*")
+    (tmp_path / "plain.yaml").write_text("security: {insecure: true}\n")
+    result = run_agent("--stats-endpoint", "tcp://0.0.0.0:*", "--config", str(tmp_path / "plain.yaml"))
     assert result.returncode == 2
-    assert "stats_endpoint: 'tcp://0.0.0.0:*' is not a loopback address and stats_curve is not set" in result.stderr
+    assert "stats_endpoint: 'tcp://0.0.0.0:*' is not a loopback address and security.insecure is true" in result.stderr
 
     agent_keys, _ = keys
     (tmp_path / "half.yaml").write_text(f"stats_curve: {{secret_file: {agent_keys['server_secret']}}}\n")
@@ -159,11 +160,15 @@ def test_non_loopback_stats_endpoint_with_curve_starts(start_agent, keys):
     pub.close()
 
 
-def test_trainer_config_refuses_a_remote_endpoint_without_curve(keys):
+def test_trainer_config_refuses_a_remote_endpoint_without_authentication(keys):
+    remote = {"endpoint": "tcp://10.1.2.3:5557", "insecure": True}
     with pytest.raises(ConfigError, match=r"publish.endpoint: 'tcp://10.1.2.3:5557' is not a loopback address"):
-        load_config({"publish": {"endpoint": "tcp://10.1.2.3:5557"}})
-    cfg = load_config({"publish": {"endpoint": "tcp://10.1.2.3:5557", "allow_insecure_remote": True}})
+        load_config({"publish": remote})
+    with pytest.raises(ConfigError, match=r"publish.allow_insecure_remote: needs publish.insecure: true"):
+        load_config({"publish": {"endpoint": "tcp://10.1.2.3:5557", "allow_insecure_remote": True}})
+    cfg = load_config({"publish": {**remote, "allow_insecure_remote": True}})
     assert cfg.publish.allow_insecure_remote
+    assert load_config({"publish": {"endpoint": "tcp://10.1.2.3:5557"}}).publish.curve.secret_file is None
     with pytest.raises(ConfigError, match="publish.curve: secret_file and server_public_file go together"):
         load_config({"publish": {"curve": {"secret_file": "x"}}})
     agent_keys, _ = keys

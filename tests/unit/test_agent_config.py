@@ -95,10 +95,11 @@ def test_malformed_endpoints_are_rejected(endpoint):
 
 
 @pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:5557", "tcp://*:5557", "tcp://10.1.2.3:5557", "tcp://eth0:1"])
-def test_remote_stats_endpoint_needs_explicit_consent(endpoint):
-    msg = config_error(stats_endpoint=endpoint)
+def test_remote_stats_endpoint_is_curve_or_needs_explicit_consent(endpoint):
+    assert load_config(stats_endpoint=endpoint).stats_endpoint == endpoint  # the agent's own CURVE keys
+    msg = config_error(stats_endpoint=endpoint, **{"security.insecure": True})
     assert msg.startswith("stats_endpoint:") and "security.allow_insecure_remote" in msg
-    cfg = load_config(stats_endpoint=endpoint, **{"security.allow_insecure_remote": True})
+    cfg = load_config(stats_endpoint=endpoint, **{"security.insecure": True, "security.allow_insecure_remote": True})
     assert cfg.stats_endpoint == endpoint
 
 

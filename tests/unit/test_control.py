@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,13 +13,15 @@ import pytest
 import torch
 import zmq
 import zmq.auth
+from fake_agent import bind_secured
 
 import sentinel
 from agent.commands import Ack, Command, Hello, decode
 
 
 class Router:
-    """The agent's side of the command channel, reduced to what a test needs."""
+    """The agent's side of the command channel, reduced to what a test needs: CURVE with keys it
+    advertises as the agent does (tests/fake_agent.py), or the keys in ``curve_dir`` unadvertised."""
 
     def __init__(self, curve_dir: Path | None = None):
         self.ctx = zmq.Context()
@@ -29,8 +32,11 @@ class Router:
             public, secret = zmq.auth.load_certificate(curve_dir / "server.key_secret")
             self.sock.curve_server = True
             self.sock.curve_secretkey, self.sock.curve_publickey = secret, public
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
+            port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+            self.endpoint = f"tcp://127.0.0.1:{port}"
+        else:
+            self._keys = tempfile.TemporaryDirectory(prefix="sentinel-router-keys-")
+            self.endpoint = bind_secured(self.sock, Path(self._keys.name) / "keys")
         self.peer: bytes | None = None
         self.hellos: list[Hello] = []
         self.acks: list[Ack] = []
@@ -274,10 +280,14 @@ def test_stop_ends_batches_and_sets_should_stop(router: Router) -> None:
     sn.close()
 
 
-def test_a_dead_or_absent_agent_never_blocks_a_step() -> None:
+@pytest.mark.parametrize("keys", ["advertised", "none"])
+def test_a_dead_or_absent_agent_never_blocks_a_step(keys: str, tmp_path: Path) -> None:
+    """An agent gone after advertising its keys (CURVE socket, nobody there), or never seen (no keys, no socket)."""
     with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as s:
-        port = s.bind_to_random_port("tcp://127.0.0.1")
-    sn, model, optimizer, _ = _trainer(f"tcp://127.0.0.1:{port}", control={"hello_interval": 0.1})
+        endpoint = bind_secured(s, tmp_path / "keys") if keys == "advertised" else None
+        endpoint = endpoint or f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}"
+    sn, model, optimizer, _ = _trainer(endpoint, control={"hello_interval": 0.1})
+    assert sn.control.client.security.ready == (keys == "advertised")
     costs = []
     for i in range(600):
         t = time.perf_counter()
@@ -332,6 +342,6 @@ def test_curve_encrypts_and_authenticates_the_channel(tmp_path: Path) -> None:
 
 def test_config_refuses_an_unauthenticated_remote_endpoint() -> None:
     with pytest.raises(sentinel.ConfigError, match="control.endpoint.*not a loopback"):
-        _trainer("tcp://10.1.2.3:5558")
+        _trainer("tcp://10.1.2.3:5558", control={"insecure": True})
     with pytest.raises(sentinel.ConfigError, match="control.curve"):
         _trainer("tcp://127.0.0.1:5558", control={"curve": {"secret_file": "x"}})

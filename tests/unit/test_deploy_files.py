@@ -248,6 +248,15 @@ def test_kubernetes_configmap_holds_the_agent_and_trainer_configs_that_load() ->
     assert volumes[config_vol]["configMap"]["name"] == "sentinel-config"
     assert agent["command"][:3] == ["sentinel-agent", "run", "--config"]
 
+    # CURVE with no key configured: the agent advertises its keys where the trainer looks for them
+    env = {c: {e["name"]: e.get("value") for e in containers[c].get("env", [])} for c in ("sentinel-agent", "trainer")}
+    discovery = env["sentinel-agent"]["SENTINEL_DISCOVERY_DIR"]
+    assert env["trainer"]["SENTINEL_DISCOVERY_DIR"] == discovery
+    shared = {mount_of(agent, discovery + "/x"), mount_of(trainer, discovery + "/x")}
+    assert len(shared) == 1 and "emptyDir" in volumes[shared.pop()]
+    assert pod["spec"]["securityContext"]["runAsUser"] == 10001  # one uid: the 0600 discovery file is readable
+    assert not agent_cfg.security.insecure and not trainer_cfg.publish.insecure and not trainer_cfg.control.insecure
+
 
 def test_kubernetes_agent_is_a_sidecar_and_only_metrics_leave_the_pod() -> None:
     pod, containers = _pod()
