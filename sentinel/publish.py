@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from agent import protocol
 from sentinel import curve as _curve
@@ -128,18 +129,29 @@ class Publisher:
             self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
             return self._refused(frames)
+        if self._monitor is not None:
+            self._stop_monitor()
         self.sent += 1
         self._warned = False
         return True
 
     def _settling(self) -> bool:
-        """True while the first connection attempt has neither succeeded nor failed."""
+        """True while the first connection has neither carried a message nor failed.
+
+        A handshake reported done does not end the window: the socket attaches the new peer
+        only when it next processes its commands, so a send just after the event may still be
+        refused.  The window ends with the first message sent, a failure, or ``SETTLE_SECONDS``.
+        """
         if self._monitor is None:
             return False
-        if not self._monitor.poll(0) and time.monotonic() - self._connected_at < SETTLE_SECONDS:
-            return True
-        self._stop_monitor()
-        return False
+        if time.monotonic() - self._connected_at >= SETTLE_SECONDS:
+            self._stop_monitor()
+            return False
+        while self._monitor.poll(0):
+            if recv_monitor_message(self._monitor)["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._stop_monitor()
+                return False
+        return True
 
     def _stop_monitor(self) -> None:
         if self._monitor is not None:
