@@ -66,11 +66,6 @@ def client_keys(section: str, curve: Any) -> tuple[bytes, bytes, bytes]:
     return public, secret, server
 
 
-def set_client_keys(sock: zmq.Socket, section: str, curve: Any) -> None:
-    public, secret, server = client_keys(section, curve)
-    sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server
-
-
 class Security:
     """Where one trainer socket gets its CURVE keys: configured files, discovery, or none (insecure).
 
