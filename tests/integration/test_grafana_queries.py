@@ -118,6 +118,11 @@ def scraped(tmp_path_factory: pytest.TempPathFactory):
         target = urllib.parse.urlparse(agent.metrics_url).netloc
         prom, url = start_prometheus(tmp, [target])
         try:
+            # the run's counters must be first seen at 0: train only once Prometheus scrapes the agent
+            deadline = time.monotonic() + 30
+            while not any(s["value"][1] == "1" for s in _api(url, "query", query='up{job="sentinel-agent"}')["result"]):
+                assert time.monotonic() < deadline, "Prometheus never scraped the agent"
+                time.sleep(0.25)
             start = time.time()
             _train(agent)
             time.sleep(0.5)  # the last messages reach the agent
