@@ -5,12 +5,15 @@ them to DCGM's GPU metrics: `node` and the rest of the external labels, `local_r
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import subprocess
+import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,12 @@ from agent.config import AgentConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT_MODE = ROOT / "deploy" / "prometheus" / "prometheus-agent.yml"
+OPERATIONS = ROOT / "docs" / "operations.md"
+# What DCGM exporter serves for two GPUs of the node (its labels as dcgm-exporter 3.x/4.x sets them).
+DCGM_TEXT = """# TYPE DCGM_FI_DEV_GPU_UTIL gauge
+DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H200",Hostname="gpu-node-17"} 87
+DCGM_FI_DEV_GPU_UTIL{gpu="1",UUID="GPU-1",device="nvidia1",modelName="NVIDIA H200",Hostname="gpu-node-17"} 12
+"""
 
 pytestmark = pytest.mark.prometheus
 
@@ -58,7 +67,39 @@ def _query(prom: str, promql: str) -> list[dict]:
     return body["data"]["result"]
 
 
-def test_agent_mode_forwards_the_agent_series_with_the_join_labels(tmp_path: Path, running_agent) -> None:
+@pytest.fixture
+def fake_dcgm() -> Iterator[str]:
+    """A loopback HTTP server answering /metrics with DCGM_TEXT; yields host:port."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = DCGM_TEXT.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _documented_join() -> str:
+    """The PromQL of docs/operations.md, "Joining training ranks to DCGM's GPU metrics"."""
+    section = OPERATIONS.read_text().split("#### Joining training ranks to DCGM's GPU metrics", 1)[1]
+    return section.split("```promql\n", 1)[1].split("```", 1)[0]
+
+
+def test_agent_mode_forwards_the_agent_series_with_the_join_labels(
+    tmp_path: Path, running_agent, fake_dcgm: str
+) -> None:
     prometheus = require_binary("prometheus")
     flags = _feature_flags()
     # The store: a plain Prometheus server accepting remote writes.
@@ -81,6 +122,10 @@ def test_agent_mode_forwards_the_agent_series_with_the_join_labels(tmp_path: Pat
     (job,) = cfg["scrape_configs"]
     job["scrape_interval"] = "1s"
     job["static_configs"] = [{"targets": [urllib.parse.urlparse(running_agent.metrics_url).netloc]}]
+    # The cluster's DCGM scrape, as docs/operations.md asks for it (Hostname kept as is).
+    cfg["scrape_configs"].append(
+        {"job_name": "dcgm-exporter", "scrape_interval": "1s", "static_configs": [{"targets": [fake_dcgm]}]}
+    )
     (remote,) = cfg["remote_write"]
     remote["url"] = f"{store_url}/api/v1/write"
     del remote["authorization"], remote["tls_config"]
@@ -102,6 +147,7 @@ def test_agent_mode_forwards_the_agent_series_with_the_join_labels(tmp_path: Pat
                 f"--config.file={_write(tmp_path / 'agent-mode.yml', cfg)}",
                 f"--storage.agent.path={tmp_path / 'wal'}",
                 f"--web.listen-address=127.0.0.1:{agent_port}",
+                "--storage.remote.flush-deadline=2s",
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -109,7 +155,7 @@ def test_agent_mode_forwards_the_agent_series_with_the_join_labels(tmp_path: Pat
         )
     try:
         with Pusher(running_agent.stats_endpoint) as push:
-            push.send(make_frames(run="multi", rank=0, step=3, scalars={"loss": 2.5}))
+            push.send(make_frames(run="multi", rank=0, step=3, scalars={"loss": 2.5, "step_duration_seconds": 0.25}))
         deadline = time.monotonic() + 60
         while not (series := _query(store_url, 'sentinel_loss{run="multi"}')):
             assert agent_mode.poll() is None, log.read_text()
@@ -133,14 +179,31 @@ def test_agent_mode_forwards_the_agent_series_with_the_join_labels(tmp_path: Pat
         assert _query(store_url, "sentinel_agent_build_info") and all(
             "local_rank" not in s["metric"] for s in _query(store_url, "sentinel_agent_build_info")
         )
+        # The documented join labels rank 0's GPU (gpu 0 of its node) with its run and rank, and
+        # only that GPU: gpu 1 of the same node runs no rank that publishes.
+        deadline = time.monotonic() + 30
+        while not (joined := _query(store_url, _documented_join())):
+            assert time.monotonic() < deadline, "the documented DCGM join returned nothing"
+            time.sleep(0.5)
+        (gpu,) = joined
+        assert float(gpu["value"][1]) == 87
+        assert (gpu["metric"]["run"], gpu["metric"]["rank"]) == ("multi", "0")
+        assert (gpu["metric"]["node"], gpu["metric"]["local_rank"], gpu["metric"]["UUID"]) == (
+            "gpu-node-17",
+            "0",
+            "GPU-0",
+        )
         # Agent mode answers no queries: the data lives only in the store.
         with pytest.raises(OSError):
             fetch(f"http://127.0.0.1:{agent_port}/api/v1/query?query=up")
-    finally:
-        agent_mode.terminate()
-        store.terminate()
-        agent_mode.wait(10)
-        store.wait(10)
+    finally:  # the agent first: it flushes to the store on the way out (bounded by flush-deadline)
+        for proc in (agent_mode, store):
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
 def _write(path: Path, cfg: dict) -> Path:
