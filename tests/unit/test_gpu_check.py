@@ -108,3 +108,51 @@ def test_the_shape_presets(preset: str) -> None:
         assert gpt == overhead.GPTConfig()
     else:
         assert (gpt.n_layer, gpt.n_embd, gpt.n_head) == (24, 1024, 16)
+
+
+def _fake_cuda_python(tmp_path: Path, *, hide: tuple[str, ...] = (), torch_shim: Path | None = None) -> Path:
+    """A `python` whose torch claims a CUDA device (and which cannot import ``hide``), so that the
+    script's paths past its CUDA check run here; the GPU work itself then fails, as it must.
+    With ``torch_shim`` (a folder holding a stand-in ``torch``) that stand-in is imported instead."""
+    site = tmp_path / "fake-site"
+    site.mkdir()
+    patch = "" if torch_shim else "import torch\ntorch.cuda.is_available = lambda: True\n"
+    (site / "sitecustomize.py").write_text(f"import sys\nfor name in {hide!r}:\n    sys.modules[name] = None\n{patch}")
+    path = f"{site}:{torch_shim}" if torch_shim else str(site)
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{path}${{PYTHONPATH:+:$PYTHONPATH}}" exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_a_missing_package_is_named_and_exits_2(tmp_path: Path) -> None:
+    shim = tmp_path / "shim" / "torch"  # a torch that only says it has CUDA: the check goes no further
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text(
+        "__version__ = 'shim'\nclass cuda:\n    is_available = staticmethod(lambda: True)\n"
+    )
+    python = _fake_cuda_python(tmp_path, hide=("zmq",), torch_shim=shim.parent)
+    result = _script(tmp_path=tmp_path, PYTHON=str(python))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "missing Python packages: pyzmq" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_timeouts_of_the_two_parts_are_logged_and_exit_1(tmp_path: Path) -> None:
+    """Past the checks, both parts run under their timeouts (here too short for either to end),
+    their logs land in $OUT, and the summary gives each exit status."""
+    result = _script(
+        tmp_path=tmp_path,
+        PYTHON=str(_fake_cuda_python(tmp_path)),
+        GPU_CHECK_TESTS_TIMEOUT="2",
+        GPU_CHECK_BENCH_TIMEOUT="2",
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"summary.txt", "gpu_tests.log", "overhead.log"}
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("gpu_check ")
+    assert "tests/gpu: rc=124" in summary and "overhead: rc=124" in summary
+    assert "tests/gpu timed out after 2s" in result.stdout
+    assert "the benchmark timed out after 2s" in result.stdout
