@@ -31,12 +31,25 @@ send of the message (``cost_publish_us``), and the command poll at the step boun
 Prints the median step time of each and its ratio to bare; the last line is
 ``overhead_ratio=<sentinel/bare>`` (the tiny GPT).
 
+On a GPU: ``--device cuda`` trains every variant there (batches copied from pinned memory, the
+step timed up to ``torch.cuda.synchronize()``), ``--dtype bfloat16`` runs forward and loss under
+bf16 autocast (parameters, gradients and Adam's state stay float32, the usual mixed-precision
+recipe), and ``--n-layer/--n-embd/--n-head/--block-size/--vocab-size`` change the model's shape
+(``--gpt 350m``: 24 layers, width 1024, 16 heads, context 1024, a 32,768 vocabulary, 370M
+parameters).  ``--syncs N`` then counts the host synchronisations of N more steps of bare,
+sentinel (and probes), without the timing's synchronize (benchmarks/host_syncs.py):
+``host_syncs_per_step_<variant>=`` (PyTorch's sync debug mode) and
+``host_blocking_calls_per_step_<variant>=`` (profiler: cuda{Stream,Device,Event}Synchronize).
+benchmarks/gpu_check.sh runs it this way.
+
     python benchmarks/overhead.py [--rounds 6] [--steps 25] [--threads 2] [--probes 10] [--grad-hooks] [--breakdown]
+    python benchmarks/overhead.py --device cuda --dtype bfloat16 --gpt 350m --batch-size 8 --probes 10 --syncs 20
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -48,7 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sentinel  # noqa: E402
 from agent.spawn import AgentProcess  # noqa: E402
-from examples.tiny_gpt import GPTConfig, TrainConfig, make_run  # noqa: E402
+from benchmarks.host_syncs import count_host_syncs, format_counts  # noqa: E402
+from examples.tiny_gpt import GPT, GPTConfig, TrainConfig, make_run  # noqa: E402
 
 
 class CallbackMonitor:
@@ -72,10 +86,32 @@ class CallbackMonitor:
 SECOND_SHAPE = GPTConfig(n_layer=2, n_head=4, n_embd=128)  # nanoGPT model.py, 2 layers, width 128
 
 
+CPU = torch.device("cpu")
+GPT_350M = {"n_layer": 24, "n_embd": 1024, "n_head": 16, "block_size": 1024, "vocab_size": 32768}
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 (or fp16) autocast for the forward pass; nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 class Variant:
-    def __init__(self, name: str, tc: TrainConfig, endpoint: str, probes_every: int = 10, gpt: GPTConfig | None = None):
+    def __init__(
+        self,
+        name: str,
+        tc: TrainConfig,
+        endpoint: str,
+        probes_every: int = 10,
+        gpt: GPTConfig | None = None,
+        device: torch.device = CPU,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.name = name
+        self.device, self.dtype = device, dtype
         self.model, self.optimizer, self.schedule, loader = make_run(tc, gpt or GPTConfig())
+        self.model.to(device)  # the same Parameter objects: the optimizer (no state yet) follows
         self.batches = iter(loader)
         self.times: list[float] = []
         self.sn = None
@@ -94,40 +130,61 @@ class Variant:
         elif name == "callback":
             self.cb = CallbackMonitor(self.model)
 
+    def step(self) -> None:
+        x, y = next(self.batches)
+        if self.device.type == "cuda":  # from pinned memory, so the copy does not wait for the GPU
+            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        with autocast(self.device, self.dtype):
+            _, loss = self.model(x, y)
+        loss.backward()
+        if self.cb:
+            self.cb.before_step()
+        self.optimizer.step()
+        if self.cb:
+            self.cb.after_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        if self.sn:
+            self.sn.observe(loss=loss)
+
     def run(self, steps: int, warmup: int = 2) -> None:
+        cuda = self.device.type == "cuda"
         for i in range(steps):
             start = time.perf_counter()
-            x, y = next(self.batches)
-            _, loss = self.model(x, y)
-            loss.backward()
-            if self.cb:
-                self.cb.before_step()
-            self.optimizer.step()
-            if self.cb:
-                self.cb.after_step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.schedule.step()
-            if self.sn:
-                self.sn.observe(loss=loss)
+            self.step()
+            if cuda:
+                torch.cuda.synchronize()  # the step's time is the GPU's, not its launch time
             if i >= warmup:
                 self.times.append(time.perf_counter() - start)
 
 
-def probe_step_cost(every: int, reps: int = 20) -> tuple[float, int]:
+def probe_step_cost(
+    every: int,
+    reps: int = 20,
+    gpt: GPTConfig | None = None,
+    device: torch.device = CPU,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 24,
+) -> tuple[float, int]:
     """(sampled-step forward+backward time / plain, hooks registered on an unsampled step)."""
     from sentinel.probes import Probes
     from sentinel.roles import assign_roles
 
-    tc = TrainConfig(steps=1, batch_size=24)
-    model, _, _, loader = make_run(tc, GPTConfig())
-    x, y = next(iter(loader))
+    tc = TrainConfig(steps=1, batch_size=batch_size)
+    model, _, _, loader = make_run(tc, gpt or GPTConfig())
+    model.to(device)
+    x, y = (t.to(device) for t in next(iter(loader)))
     probes = Probes(model, assign_roles(model), every=every)
 
     def timed(step: int) -> float:
         probes.begin_step(step)
         start = time.perf_counter()
-        model(x, y)[1].backward()
+        with autocast(device, dtype):
+            loss = model(x, y)[1]
+        loss.backward()
         probes.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     plain, sampled = [], []
@@ -236,7 +293,21 @@ def cost_breakdown(endpoint: str, reps: int = 15) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def count_syncs(variants: list[Variant], steps: int) -> dict[str, dict[str, float]]:
+    """Host synchronisations per step of each variant (benchmarks/host_syncs.py); empty off CUDA."""
+    if not variants or variants[0].device.type != "cuda":
+        print("syncs: not counted (not on a CUDA device)", file=sys.stderr)
+        return {}
+    half = max(1, steps // 2)  # one half for each counting method
+
+    def counts(v: Variant) -> dict[str, float]:
+        v.step()  # warm: the first step after the timing rounds
+        return count_host_syncs(v.step, half)
+
+    return {v.name: counts(v) for v in variants}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=25, help="steps per variant per round")
@@ -249,27 +320,63 @@ def main() -> None:
         "--grad-hooks", action="store_true", help="also time the gradient hooks: armed, idle, registered and removed"
     )
     parser.add_argument("--breakdown", action="store_true", help="also split sentinel's per-step cost into its parts")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    parser.add_argument("--device", default="cpu", help="where every variant trains: cpu (default), cuda, cuda:1...")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="forward pass under autocast to this dtype (parameters and Adam's state stay float32)",
+    )
+    parser.add_argument("--gpt", choices=("tiny", "350m"), default="tiny", help="model shape preset (default: tiny)")
+    for dim in ("n-layer", "n-embd", "n-head", "block-size", "vocab-size"):
+        parser.add_argument(f"--{dim}", type=int, default=None, help=f"override the preset's {dim.replace('-', '_')}")
+    parser.add_argument(
+        "--syncs", type=int, default=0, metavar="N", help="CUDA: count host synchronisations over N more steps"
+    )
+    return parser.parse_args(argv)
 
-    tc = TrainConfig(steps=args.rounds * args.steps + 10, batch_size=args.batch_size)
-    gpt = GPTConfig()
-    n_params = sum(p.numel() for p in make_run(tc, gpt)[0].parameters())
+
+def gpt_config(args: argparse.Namespace) -> GPTConfig:
+    """The model shape: the preset, then any --n-layer ... overrides."""
+    shape = dict(GPT_350M) if args.gpt == "350m" else {}
+    for dim in ("n_layer", "n_embd", "n_head", "block_size", "vocab_size"):
+        if getattr(args, dim) is not None:
+            shape[dim] = getattr(args, dim)
+    return GPTConfig(**shape)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here")
+
+    tc = TrainConfig(steps=args.rounds * args.steps + args.syncs + 10, batch_size=args.batch_size)
+    gpt = gpt_config(args)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in GPT(gpt).parameters())
+    where = "" if device.type == "cpu" and dtype == torch.float32 else f", {device}, {args.dtype} autocast"
     print(
-        f"tiny GPT: {gpt.n_layer} layers, d={gpt.n_embd}, {gpt.n_head} heads, context {gpt.block_size}, "
-        f"batch {tc.batch_size}, {n_params / 1e6:.2f}M parameters, AdamW, {args.threads} threads"
+        f"{'tiny GPT' if gpt == GPTConfig() else 'GPT'}: {gpt.n_layer} layers, d={gpt.n_embd}, {gpt.n_head} heads, "
+        f"context {gpt.block_size}, batch {tc.batch_size}, {n_params / 1e6:.2f}M parameters, AdamW, "
+        f"{args.threads} threads{where}"
     )
     with AgentProcess() as agent:
         names = ("bare", "sentinel", "callback") + (("probes",) if args.probes else ())
-        variants = [Variant(name, tc, agent.stats_endpoint, args.probes) for name in names]
+        variants = [Variant(name, tc, agent.stats_endpoint, args.probes, gpt, device, dtype) for name in names]
         variants += [
-            Variant(f"{name}-2x128", tc, agent.stats_endpoint, gpt=SECOND_SHAPE) for name in ("bare", "sentinel")
+            Variant(f"{name}-2x128", tc, agent.stats_endpoint, gpt=SECOND_SHAPE, device=device, dtype=dtype)
+            for name in ("bare", "sentinel")
         ]
         n = len(variants)
         for r in range(args.rounds):
             for v in variants[r % n :] + variants[: r % n]:
                 v.run(args.steps)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        syncs = {}
+        if args.syncs:
+            syncs = count_syncs([v for v in variants if v.name in ("bare", "sentinel", "probes")], args.syncs)
         sn = variants[1].sn
         counters = sn.counters
         for v in variants:
@@ -306,7 +413,9 @@ def main() -> None:
         assert "sentinel_layer_attention_logit_max" in received, "the agent never exported the probe statistics"
         print(f"probes_ratio={mean_ratios['probes']:.3f}")
         print(f"probes_vs_sentinel={mean_ratios['probes'] / mean_ratios['sentinel']:.3f}")
-        step_ratio, hooks = probe_step_cost(args.probes)
+        step_ratio, hooks = probe_step_cost(
+            args.probes, gpt=gpt, device=device, dtype=dtype, batch_size=args.batch_size
+        )
         assert hooks == 0, f"{hooks} hooks registered on an unsampled step"
         print(f"hooks_on_unsampled_steps={hooks}")
         print(f"probe_step_ratio={step_ratio:.3f}")
@@ -319,6 +428,11 @@ def main() -> None:
     if breakdown is not None:
         for part, us in breakdown.items():
             print(f"cost_{part}_us={us:.0f}  # {us / (bare * 1e6) * 100:.2f} % of the bare step")
+    for name, counts in syncs.items():
+        print(format_counts(name, counts))
+        for key, label in (("sync_debug", "host_syncs"), ("blocking_calls", "host_blocking_calls")):
+            if key in counts:
+                print(f"{label}_per_step_{name}={counts[key]:.2f}")
     print(f"overhead_ratio={ratios['sentinel']:.3f}")
 
 
