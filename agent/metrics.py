@@ -62,6 +62,47 @@ SCALAR_FAMILIES: dict[str, tuple[str, str]] = {
         "Transformer blocks where no attention was found, so no attention-logit probe runs there "
         "(trainer scalar 'roles_blocks_without_attention'; blocks).",
     ),
+    # job-level aggregates over every rank, sent by rank 0 under torch.distributed (sentinel/rank_reduce.py)
+    "loss_min": ("sentinel_loss_min", "Smallest training loss over the job's ranks at the latest step (loss units)."),
+    "loss_mean": ("sentinel_loss_mean", "Mean training loss over the job's ranks at the latest step (loss units)."),
+    "loss_max": (
+        "sentinel_loss_max",
+        "Largest training loss over the job's ranks at the latest step, NaN if any rank's is (loss units).",
+    ),
+    "loss_max_rank": (
+        "sentinel_loss_max_rank",
+        "Rank whose loss is the largest at the latest step, or the first whose loss is not finite (rank number).",
+    ),
+    "loss_nonfinite_ranks": (
+        "sentinel_loss_nonfinite_ranks",
+        "Ranks whose loss is NaN or infinite at the latest step (ranks).",
+    ),
+    "step_seconds_min": (
+        "sentinel_step_seconds_min",
+        "Shortest time any rank spent in its training loop outside sentinel during the latest step (seconds).",
+    ),
+    "step_seconds_mean": (
+        "sentinel_step_seconds_mean",
+        "Mean over ranks of the time spent in the training loop outside sentinel during the latest step (seconds).",
+    ),
+    "step_seconds_max": (
+        "sentinel_step_seconds_max",
+        "Longest time any rank spent in its training loop outside sentinel during the latest step: the rank "
+        "the others waited for (seconds).",
+    ),
+    "step_seconds_max_rank": (
+        "sentinel_step_seconds_max_rank",
+        "Rank that spent the longest time outside sentinel during the latest step, the slowest (rank number).",
+    ),
+    "errors_max": (
+        "sentinel_trainer_errors_max",
+        "Largest number of errors sentinel caught and survived on any one rank since it started: failed "
+        "hooks, statistics, publishing (errors).",
+    ),
+    "errors_max_rank": (
+        "sentinel_trainer_errors_max_rank",
+        "Rank with the most errors caught by sentinel, the lowest on a tie (rank number).",
+    ),
 }
 
 STAT_FAMILIES: dict[str, tuple[str, str]] = {
