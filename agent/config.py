@@ -91,6 +91,13 @@ class ExportConfig:
         doc="Per-tensor statistics exported per run/rank, in layout order; further ones are kept "
         "in history but not exported.",
     )
+    tensor_ranks: str = option(
+        "lowest",
+        choices=("lowest", "all"),
+        doc="Ranks whose per-tensor and per-module statistics are exported: 'lowest', the lowest rank of each "
+        "run that sends them (the ranks of a data-parallel job hold the same statistics, so /metrics grows "
+        "with the ranks only by their scalars), or 'all' (tensors x ranks series).",
+    )
 
 
 @dataclass

@@ -4,7 +4,8 @@ A custom Collector builds the families at scrape time from a snapshot of the sta
 series that left the history leave /metrics too, and nothing is kept twice.  Cardinality is
 bounded by config: run/rank pairs by ``limits.max_series``, scalar names by
 ``limits.max_scalar_names``, statistics by ``export.max_stats`` and tensors per statistic
-by ``export.max_tensors_per_stat`` (the largest values win; NaN counts as largest).
+by ``export.max_tensors_per_stat`` (the largest values win; NaN counts as largest), and
+per-tensor series come from one rank per run (``export.tensor_ranks``), never tensors x ranks.
 Step numbers are values, never labels.
 """
 
@@ -393,6 +394,7 @@ class AgentCollector(Collector):
         self.supervisor, self.commands, self.recorder = supervisor, commands, recorder
         self.max_tensors = config.export.max_tensors_per_stat
         self.max_stats = config.export.max_stats
+        self.all_ranks = config.export.tensor_ranks == "all"
         self.version = version
 
     def collect(self) -> Iterator[Metric]:
@@ -407,6 +409,10 @@ class AgentCollector(Collector):
         }
         owner.update({name: stat for stat, (name, _) in PROBE_FAMILIES.items()})
         head_fam = GaugeMetricFamily(*HEAD_LOGIT_FAMILY, labels=[*MODULE_LABELS, "head"])
+        lowest: dict[str, int] = {}  # per run, the lowest rank with matrices (export.tensor_ranks: lowest)
+        for s in snap.series:
+            if s.matrices and s.rank < lowest.get(s.run, s.rank + 1):
+                lowest[s.run] = s.rank
         for s in snap.series:
             lv = [s.run, str(s.rank)]
             fams["step"].add_metric(lv, s.step)
@@ -419,6 +425,8 @@ class AgentCollector(Collector):
                     fams[name].add_metric(lv, value)
                 else:
                     fams["observed"].add_metric([*lv, name], value)
+            if not self.all_ranks and lowest.get(s.run) != s.rank:
+                continue
             _head_logits(s, head_fam)
             for stat, (names, column) in _merged_columns(s, self.max_stats).items():
                 if stat in probe_fams:
