@@ -64,10 +64,11 @@ class LimitsConfig:
         "`oversized`. A frame over twice this size makes ZeroMQ drop the sending peer.",
     )
     max_series: int = option(
-        256,
+        4096,
         range=(1, 100_000),
         doc="Run/rank pairs tracked at once; a new pair beyond this evicts the least recently "
-        "updated one (logged). Also bounds the cache of decoded layouts.",
+        "updated one (logged). Also bounds the cache of decoded layouts. Every rank of a job with "
+        "`publish.ranks: all` is one pair: keep it above the job's ranks.",
     )
     max_scalar_names: int = option(
         64,

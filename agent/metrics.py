@@ -398,7 +398,7 @@ class AgentCollector(Collector):
         self.version = version
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.state.snapshot()
+        snap = self.state.snapshot(matrices="all" if self.all_ranks else "lowest")
         fams = _series_families()
         stat_fams: dict[str, GaugeMetricFamily] = {
             name: GaugeMetricFamily(name, doc, labels=PARAM_LABELS) for name, doc in STAT_FAMILIES.values()

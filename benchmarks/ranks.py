@@ -73,8 +73,16 @@ GOALS = {"series": 20_000, "scrape_p99_ms": 500.0, "latency_p99_ms": 1000.0, "ag
 RUN = "bench-ranks"
 
 
+#: what Prometheus asks for by default (OpenMetrics first), so a scrape here costs what it costs Prometheus
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,"
+    "text/plain;version=1.0.0;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1"
+)
+
+
 def fetch(url: str, timeout: float = 30.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    request = urllib.request.Request(url, headers={"Accept": PROMETHEUS_ACCEPT})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.read().decode()
 
 
@@ -100,7 +108,7 @@ def step_of(text: str, rank: int) -> int | None:
 
 
 def series_count(text: str) -> int:
-    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))  # "# EOF" too
 
 
 class Ranks:
@@ -110,6 +118,7 @@ class Ranks:
         server_public, _ = zmq.auth.load_certificate(keys_dir / "server.key")
         public, secret = zmq.auth.load_certificate(keys_dir / "client.key_secret")
         self.ctx = zmq.Context(io_threads=2)
+        self.ctx.max_sockets = n + 16  # ZeroMQ's default is 1,023 sockets per context
         self.socks = []
         for _ in range(n):
             s = self.ctx.socket(zmq.PUSH)
