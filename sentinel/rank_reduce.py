@@ -69,8 +69,8 @@ class RankReduce:
         if not collectives.active() or collectives.world_size() < 2:
             return None
         device = collectives.local(params[0]).device if params else torch.device("cpu")
-        if device.type != "cuda":
-            device = torch.device("cpu")
+        if device.type != "cuda" or "nccl" not in str(dist.get_backend()).lower():
+            device = torch.device("cpu")  # gloo: host tensors (a CUDA loss is then copied to the host)
         group = None if device.type == "cuda" else collectives.cpu_group()
         return cls(device, collectives.rank(), collectives.world_size(), group)
 

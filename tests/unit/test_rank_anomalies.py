@@ -73,3 +73,24 @@ def test_without_job_level_scalars_the_loss_itself_is_scored() -> None:
         f.feed(t, {"loss": 3.0 + 0.01 * (t % 3)})
     found = [d for d in f.feed(100, {"loss": 9.0}) if d.detector == "loss_spike"]
     assert len(found) == 1 and "rank" not in found[0].evidence and found[0].message.startswith("loss 9")
+
+
+def test_a_single_process_has_no_reduction_and_sends_no_job_level_scalar() -> None:
+    import sentinel
+
+    torch.set_num_threads(1)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sn = sentinel.attach(model, optimizer, publish={"enabled": True, "insecure": True}, control={"enabled": False})
+    try:
+        assert sn.job is None
+        layouts = []
+        sn.publisher.publish = lambda step, layout, data: layouts.append(layout) or True
+        loss = model(torch.randn(2, 4)).square().mean()
+        loss.backward()
+        optimizer.step()
+        sn.observe(loss=loss)
+        assert layouts and "loss" in layouts[-1].scalars
+        assert not set(SCALARS) & set(layouts[-1].scalars)
+    finally:
+        sn.close()
