@@ -8,8 +8,9 @@ default publishing (rank 0 only) and its job-level scalars, DCP checkpoints in a
   so only the job-level ``loss_max`` carries it; the agent's ``nonfinite`` rule must fire with
   rank 1 in its evidence, and the rollback it sends must be applied by both ranks at the same
   step, to the same checkpoint, leaving them with identical parameters.
-* Slow rank: rank 1 sleeps after every optimizer step; the agent's export must name it as the
-  slowest rank, with no series of rank 1 at all.
+* Slow rank: rank 1 sleeps after every optimizer step, and its statistics fail at step
+  ``FAIL_AT``; the agent's export must name it as the slowest rank and the one with the errors,
+  with no series of rank 1 at all.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve()
-RUN, NAN_AT, STEPS, SLOW_STEPS, SLEEP = "rank-anomaly", 10, 18, 6, 0.3
+RUN, NAN_AT, STEPS, SLOW_STEPS, SLEEP, FAIL_AT = "rank-anomaly", 10, 18, 6, 0.3, 2
 
 
 def _digest(model: torch.nn.Module) -> str:
@@ -74,6 +75,8 @@ def _worker(rank: int, port: int, mode: str, stats_ep: str, commands_ep: str, ck
         if mode == "nan" and rank == 1 and sn.step == NAN_AT and trajectory == 0:
             loss = loss * math.nan  # this rank alone
         loss.backward()
+        if mode == "slow" and rank == 1 and sn.step == FAIL_AT:
+            sn.stats._local_norms = lambda dtype: 1 / 0  # this rank's statistics fail (training goes on)
         optimizer.step()
         optimizer.zero_grad()
         if mode == "slow" and rank == 1:
@@ -144,7 +147,9 @@ def test_a_nan_on_rank_1_alone_is_rolled_back_by_every_rank_at_one_step(tmp_path
 
 def test_a_slow_rank_is_the_job_level_maximum_without_a_series_of_its_own(tmp_path: Path, start_agent) -> None:
     agent = start_agent()
-    r0, r1, _ = _run(tmp_path, agent, "slow")
+    r0, r1, text = _run(tmp_path, agent, "slow")
+    assert f"rank1 sentinel: stats.after_step failed at step {FAIL_AT}; now off" in text
+    assert "rank0 sentinel: stats.after_step failed" not in text
     scrape = agent.wait_for(lambda s: s.value("sentinel_training_step", run=RUN, rank=0) == SLOW_STEPS - 1)
     assert scrape.value("sentinel_step_seconds_max_rank", run=RUN, rank=0) == 1
     slowest = scrape.value("sentinel_step_seconds_max", run=RUN, rank=0)
@@ -158,6 +163,8 @@ def test_a_slow_rank_is_the_job_level_maximum_without_a_series_of_its_own(tmp_pa
     last = SLOW_STEPS - 1
     assert lo == pytest.approx(min(r0["losses"][f"0:{last}"], r1["losses"][f"0:{last}"]), rel=1e-6)
     assert hi == pytest.approx(max(r0["losses"][f"0:{last}"], r1["losses"][f"0:{last}"]), rel=1e-6)
+    assert scrape.value("sentinel_trainer_errors_max", run=RUN, rank=0) >= 1
+    assert scrape.value("sentinel_trainer_errors_max_rank", run=RUN, rank=0) == 1  # the failure is rank 1's
     ranks = {lab["rank"] for lab, _ in scrape.samples("sentinel_training_step") if lab["run"] == RUN}
     assert ranks == {"0"}  # one series for the job: rank 1 is seen through rank 0's aggregates only
 
