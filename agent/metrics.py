@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
 
 from agent import __version__
 from agent.commands import ACK_STATUSES, ACTIONS
@@ -409,20 +410,25 @@ class AgentCollector(Collector):
         }
         owner.update({name: stat for stat, (name, _) in PROBE_FAMILIES.items()})
         head_fam = GaugeMetricFamily(*HEAD_LOGIT_FAMILY, labels=[*MODULE_LABELS, "head"])
+        sample_names = {k: f.name + ("_total" if f.type == "counter" else "") for k, f in fams.items()}
         lowest: dict[str, int] = {}  # per run, the lowest rank with matrices (export.tensor_ranks: lowest)
         for s in snap.series:
             if s.matrices and s.rank < lowest.get(s.run, s.rank + 1):
                 lowest[s.run] = s.rank
         for s in snap.series:
             lv = [s.run, str(s.rank)]
-            fams["step"].add_metric(lv, s.step)
-            fams["received_at"].add_metric(lv, s.received_at)
-            fams["sent"].add_metric(lv, s.sent)
-            fams["dropped"].add_metric(lv, s.dropped)
-            fams["nonfinite"].add_metric(lv, s.nonfinite_values)
+            labels = dict(zip(SERIES_LABELS, lv))  # one dict for the series' samples: a scrape of 1,024 ranks
+            for key, value in (  # makes 12,000 of them, and add_metric would build one dict each
+                ("step", s.step),
+                ("received_at", s.received_at),
+                ("sent", s.sent),
+                ("dropped", s.dropped),
+                ("nonfinite", s.nonfinite_values),
+            ):
+                fams[key].samples.append(Sample(sample_names[key], labels, value))
             for name, value in s.scalars.items():
                 if name in SCALAR_FAMILIES:
-                    fams[name].add_metric(lv, value)
+                    fams[name].samples.append(Sample(sample_names[name], labels, value))
                 else:
                     fams["observed"].add_metric([*lv, name], value)
             if not self.all_ranks and lowest.get(s.run) != s.rank:

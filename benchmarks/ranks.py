@@ -28,6 +28,7 @@ tensors, 4 steps, a few seconds.  The last line is
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -81,9 +82,10 @@ PROMETHEUS_ACCEPT = (
 
 
 def fetch(url: str, timeout: float = 30.0) -> str:
-    request = urllib.request.Request(url, headers={"Accept": PROMETHEUS_ACCEPT})
+    request = urllib.request.Request(url, headers={"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        return response.read().decode()
+        body = response.read()
+        return (gzip.decompress(body) if response.headers.get("Content-Encoding") == "gzip" else body).decode()
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -92,6 +94,13 @@ def peak_rss_mib(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far: what a scrape costs, whatever else the machine runs."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def received(url: str) -> int:
@@ -185,8 +194,11 @@ def run(n: int, steps: int, tensors: int, interval: float, config: dict | None =
                     time.sleep(0.02)
                 latencies.append((time.perf_counter() - sent_at) * 1000)
                 time.sleep(max(0.0, interval - (time.perf_counter() - start)))
+            idle = len(scrapes)
+            cpu = cpu_seconds(agent.pid)
             for _ in range(20):
                 text = scrape()
+            cpu = (cpu_seconds(agent.pid) - cpu) / 20
             return {
                 "ranks": n,
                 "tensors": tensors,
@@ -195,6 +207,8 @@ def run(n: int, steps: int, tensors: int, interval: float, config: dict | None =
                 "scrape_bytes": len(text),
                 "scrape_p50_ms": float(np.percentile(scrapes, 50)),
                 "scrape_p99_ms": float(np.percentile(scrapes, 99)),
+                "idle_scrape_p50_ms": float(np.percentile(scrapes[idle:], 50)),
+                "scrape_cpu_ms": cpu * 1000,
                 "latency_p50_ms": float(np.percentile(latencies, 50)),
                 "latency_p99_ms": float(np.percentile(latencies, 99)),
                 "agent_rss_mib": peak_rss_mib(agent.pid),
@@ -220,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         f"statistics + {len(SCALARS)} scalars (rank 0: + {len(JOB)} job-level); agent defaults"
     )
     print(f"/metrics: {r['series']} series, {r['scrape_bytes'] / 1024:.0f} KiB")
-    print(f"scrape: p50 {r['scrape_p50_ms']:.1f} ms, p99 {r['scrape_p99_ms']:.1f} ms")
+    print(
+        f"scrape: p50 {r['scrape_p50_ms']:.1f} ms, p99 {r['scrape_p99_ms']:.1f} ms; with no messages arriving: "
+        f"p50 {r['idle_scrape_p50_ms']:.1f} ms, {r['scrape_cpu_ms']:.0f} ms of agent CPU each (load-independent)"
+    )
     print(
         f"publish -> /metrics (last rank of a step): p50 {r['latency_p50_ms']:.0f} ms, p99 {r['latency_p99_ms']:.0f} ms"
     )
