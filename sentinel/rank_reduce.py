@@ -59,6 +59,7 @@ class RankReduce:
         self.device, self.rank, self.world, self.group = device, rank, world, group
         self.since = time.perf_counter()  # the first step's time outside observe() runs from attach
         self.failed = False
+        self.failed_loss = False  # logged once
 
     @classmethod
     def create(cls, params: list[torch.Tensor]) -> RankReduce | None:
@@ -79,15 +80,18 @@ class RankReduce:
         self.since = time.perf_counter()
 
     def _row(self, loss: Any, seconds: float, errors: int) -> torch.Tensor:
-        """This rank's row; NaN loss values where ``loss`` cannot be read, so the rank still joins."""
+        """This rank's row; a loss that cannot be read counts as not given (not as NaN: that would
+        be a divergence), so the rank still joins."""
         dev = self.device
+        given = 0.0 if loss is None else 1.0
         try:
-            value = torch.full((), float("nan"), device=dev) if loss is None else torch.as_tensor(loss)
+            value = torch.zeros((), device=dev) if loss is None else torch.as_tensor(loss)
             value = value.detach().to(device=dev, dtype=torch.float32).reshape(())
         except Exception:
-            log.exception("sentinel: the loss given to observe() is not a scalar; reduced across ranks as NaN")
-            value = torch.full((), float("nan"), device=dev)
-        given = 0.0 if loss is None else 1.0
+            if not self.failed_loss:
+                log.exception("sentinel: the loss given to observe() is not one number; left out of the job's loss")
+            self.failed_loss, given = True, 0.0
+            value = torch.zeros((), device=dev)
         rest = torch.tensor([given, seconds, float(errors)], dtype=torch.float32).to(dev, non_blocking=True)
         return torch.cat([value.reshape(1), rest])
 

@@ -94,3 +94,12 @@ def test_a_single_process_has_no_reduction_and_sends_no_job_level_scalar() -> No
         assert not set(SCALARS) & set(layouts[-1].scalars)
     finally:
         sn.close()
+
+
+def test_a_loss_that_is_not_one_number_is_left_out_not_taken_for_a_nan() -> None:
+    from sentinel.rank_reduce import RankReduce
+
+    job = RankReduce(torch.device("cpu"), rank=0, world=1, group=None)
+    row = job._row(torch.ones(3), 0.25, 2)  # per-sample losses by mistake
+    assert row.tolist() == [0.0, 0.0, 0.25, 2.0] and job.failed_loss
+    assert job._row(torch.tensor(1.5), 0.25, 0).tolist() == [1.5, 1.0, 0.25, 0.0]
