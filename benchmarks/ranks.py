@@ -194,6 +194,12 @@ def run(n: int, steps: int, tensors: int, interval: float, config: dict | None =
                     time.sleep(0.02)
                 latencies.append((time.perf_counter() - sent_at) * 1000)
                 time.sleep(max(0.0, interval - (time.perf_counter() - start)))
+            cpu, target = cpu_seconds(agent.pid), received(url) + n
+            for r in range(n):  # one more step, not polled: the agent's CPU per message taken
+                ranks.send(r, steps + 1)
+            while received(url) < target:
+                time.sleep(0.05)
+            ingest_cpu = (cpu_seconds(agent.pid) - cpu) / n
             idle = len(scrapes)
             cpu = cpu_seconds(agent.pid)
             for _ in range(20):
@@ -209,6 +215,7 @@ def run(n: int, steps: int, tensors: int, interval: float, config: dict | None =
                 "scrape_p99_ms": float(np.percentile(scrapes, 99)),
                 "idle_scrape_p50_ms": float(np.percentile(scrapes[idle:], 50)),
                 "scrape_cpu_ms": cpu * 1000,
+                "ingest_cpu_us": ingest_cpu * 1e6,
                 "latency_p50_ms": float(np.percentile(latencies, 50)),
                 "latency_p99_ms": float(np.percentile(latencies, 99)),
                 "agent_rss_mib": peak_rss_mib(agent.pid),
@@ -240,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"publish -> /metrics (last rank of a step): p50 {r['latency_p50_ms']:.0f} ms, p99 {r['latency_p99_ms']:.0f} ms"
+    )
+    print(
+        f"agent CPU: {r['ingest_cpu_us']:.0f} µs per message taken; so on a core of its own a step of all ranks "
+        f"would be at /metrics after about {(r['ranks'] * r['ingest_cpu_us'] / 1000 + r['scrape_cpu_ms']):.0f} ms"
     )
     print(f"agent peak RSS: {r['agent_rss_mib']:.0f} MiB; messages received: {r['received']}")
     misses = [k for k, goal in GOALS.items() if r[k] > goal]
