@@ -105,10 +105,13 @@ def test_it_is_several_times_faster_on_a_thousand_ranks() -> None:
     f = Fixture()
     for rank in range(1024):
         f.send(make_frames(run="big", rank=rank, step=1, scalars={"loss": 2.0, "grad_norm": 1.0, "lr": 1e-3}))
-    t0 = time.perf_counter()
-    library = om.generate_latest(f.registry)
-    t1 = time.perf_counter()
-    ours = text(f.registry, openmetrics=True)
-    t2 = time.perf_counter()
-    assert ours == library
-    assert (t2 - t1) < 0.6 * (t1 - t0), (t2 - t1, t1 - t0)  # each includes the same collect()
+    theirs, mine = [], []
+    for _ in range(3):  # the fastest of three each: the machine may be busy with something else
+        t0 = time.perf_counter()
+        library = om.generate_latest(f.registry)
+        t1 = time.perf_counter()
+        ours = text(f.registry, openmetrics=True)
+        theirs.append(t1 - t0)
+        mine.append(time.perf_counter() - t1)
+        assert ours == library
+    assert min(mine) < 0.6 * min(theirs), (mine, theirs)  # each includes the same collect()
