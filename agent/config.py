@@ -64,10 +64,11 @@ class LimitsConfig:
         "`oversized`. A frame over twice this size makes ZeroMQ drop the sending peer.",
     )
     max_series: int = option(
-        256,
+        4096,
         range=(1, 100_000),
         doc="Run/rank pairs tracked at once; a new pair beyond this evicts the least recently "
-        "updated one (logged). Also bounds the cache of decoded layouts.",
+        "updated one (logged). Also bounds the cache of decoded layouts. Every rank of a job with "
+        "`publish.ranks: all` is one pair: keep it above the job's ranks.",
     )
     max_scalar_names: int = option(
         64,
@@ -90,6 +91,13 @@ class ExportConfig:
         range=(1, 1024),
         doc="Per-tensor statistics exported per run/rank, in layout order; further ones are kept "
         "in history but not exported.",
+    )
+    tensor_ranks: str = option(
+        "lowest",
+        choices=("lowest", "all"),
+        doc="Ranks whose per-tensor and per-module statistics are exported: 'lowest', the lowest rank of each "
+        "run that sends them (the ranks of a data-parallel job hold the same statistics, so /metrics grows "
+        "with the ranks only by their scalars), or 'all' (tensors x ranks series).",
     )
 
 

@@ -26,7 +26,10 @@ may send scalars every step and per-tensor statistics every N steps.  Scalars ar
 name across layout changes.
 
 ``History`` bounds the number of series (``limits.max_series``), evicting the least
-recently updated one.  It is not thread-safe: ``agent.state.AgentState`` guards it.
+recently updated one.  The matrices of a rank no predictor reads (every rank but 0 with
+``predict.ranks: zero``) are kept one deep, the latest only, which is all /metrics shows: with
+``publish.ranks: all`` on 1,024 ranks the history then holds one full-depth matrix history, not
+1,024 of them.  It is not thread-safe: ``agent.state.AgentState`` guards it.
 """
 
 from __future__ import annotations
@@ -175,9 +178,11 @@ class SeriesHistory:
         max_matrix_bytes: int,
         max_scalar_names: int,
         max_layouts: int = 8,
+        matrix_depth: int | None = None,
     ):
         self.run, self.rank = run, rank
         self.capacity = steps
+        self.matrix_capacity = steps if matrix_depth is None else max(1, min(steps, matrix_depth))
         self.max_matrix_bytes = max_matrix_bytes
         self.max_layouts = max_layouts
         self.max_scalar_names = max_scalar_names
@@ -275,7 +280,7 @@ class SeriesHistory:
             self.matrix_evictions += 1
         share = self.max_matrix_bytes // len(self._rings)
         for r in self._rings.values():
-            r.resize(max(1, min(self.capacity, share // r.row_bytes)))
+            r.resize(max(1, min(self.matrix_capacity, share // r.row_bytes)))
         return ring
 
     def _ring_with(self, tensor: str, stat: str) -> MatrixRing | None:
@@ -369,8 +374,9 @@ class SeriesHistory:
         """The latest matrix of every layout, least recently updated first."""
         return tuple(m for m in (r.latest() for r in self._rings.values()) if m is not None)
 
-    def snapshot(self) -> SeriesSnapshot:
-        matrices = self.latest_matrices()
+    def snapshot(self, matrices: bool = True) -> SeriesSnapshot:
+        """A copy of the latest values; ``matrices=False`` leaves the per-tensor statistics out."""
+        matrices = self.latest_matrices() if matrices else ()
         latest = matrices[-1] if matrices else None
         return SeriesSnapshot(
             run=self.run,
@@ -407,9 +413,18 @@ class History:
     """All tracked series, at most ``max_series`` of them, least recently updated evicted first."""
 
     def __init__(
-        self, *, steps: int, max_series: int, max_matrix_bytes: int, max_scalar_names: int, max_layouts: int = 8
+        self,
+        *,
+        steps: int,
+        max_series: int,
+        max_matrix_bytes: int,
+        max_scalar_names: int,
+        max_layouts: int = 8,
+        deep_ranks: str = "all",
     ):
+        """``deep_ranks``: "zero" keeps the matrices of ranks other than 0 one deep (``predict.ranks: zero``)."""
         self.steps = steps
+        self.deep_ranks = deep_ranks
         self.max_series = max_series
         self.max_matrix_bytes = max_matrix_bytes
         self.max_scalar_names = max_scalar_names
@@ -425,6 +440,7 @@ class History:
             max_matrix_bytes=config.history.max_matrix_bytes,
             max_scalar_names=config.limits.max_scalar_names,
             max_layouts=config.history.max_layouts,
+            deep_ranks=config.predict.ranks if config.predict.enabled else "zero",
         )
 
     def push(self, msg: StatsMessage, received_at: float) -> PushResult:
@@ -441,6 +457,7 @@ class History:
                 max_matrix_bytes=self.max_matrix_bytes,
                 max_scalar_names=self.max_scalar_names,
                 max_layouts=self.max_layouts,
+                matrix_depth=1 if self.deep_ranks == "zero" and msg.rank != 0 else None,
             )
             self._series[key] = series
         else:

@@ -4,7 +4,8 @@ A custom Collector builds the families at scrape time from a snapshot of the sta
 series that left the history leave /metrics too, and nothing is kept twice.  Cardinality is
 bounded by config: run/rank pairs by ``limits.max_series``, scalar names by
 ``limits.max_scalar_names``, statistics by ``export.max_stats`` and tensors per statistic
-by ``export.max_tensors_per_stat`` (the largest values win; NaN counts as largest).
+by ``export.max_tensors_per_stat`` (the largest values win; NaN counts as largest), and
+per-tensor series come from one rank per run (``export.tensor_ranks``), never tensors x ranks.
 Step numbers are values, never labels.
 """
 
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
 
 from agent import __version__
 from agent.commands import ACK_STATUSES, ACTIONS
@@ -61,6 +63,47 @@ SCALAR_FAMILIES: dict[str, tuple[str, str]] = {
         "sentinel_roles_blocks_without_attention",
         "Transformer blocks where no attention was found, so no attention-logit probe runs there "
         "(trainer scalar 'roles_blocks_without_attention'; blocks).",
+    ),
+    # job-level aggregates over every rank, sent by rank 0 under torch.distributed (sentinel/rank_reduce.py)
+    "loss_min": ("sentinel_loss_min", "Smallest training loss over the job's ranks at the latest step (loss units)."),
+    "loss_mean": ("sentinel_loss_mean", "Mean training loss over the job's ranks at the latest step (loss units)."),
+    "loss_max": (
+        "sentinel_loss_max",
+        "Largest training loss over the job's ranks at the latest step, NaN if any rank's is (loss units).",
+    ),
+    "loss_max_rank": (
+        "sentinel_loss_max_rank",
+        "Rank whose loss is the largest at the latest step, or the first whose loss is not finite (rank number).",
+    ),
+    "loss_nonfinite_ranks": (
+        "sentinel_loss_nonfinite_ranks",
+        "Ranks whose loss is NaN or infinite at the latest step (ranks).",
+    ),
+    "step_seconds_min": (
+        "sentinel_step_seconds_min",
+        "Shortest time any rank spent in its training loop outside sentinel during the latest step (seconds).",
+    ),
+    "step_seconds_mean": (
+        "sentinel_step_seconds_mean",
+        "Mean over ranks of the time spent in the training loop outside sentinel during the latest step (seconds).",
+    ),
+    "step_seconds_max": (
+        "sentinel_step_seconds_max",
+        "Longest time any rank spent in its training loop outside sentinel during the latest step: the rank "
+        "the others waited for (seconds).",
+    ),
+    "step_seconds_max_rank": (
+        "sentinel_step_seconds_max_rank",
+        "Rank that spent the longest time outside sentinel during the latest step, the slowest (rank number).",
+    ),
+    "errors_max": (
+        "sentinel_trainer_errors_max",
+        "Largest number of errors sentinel caught and survived on any one rank since it started: failed "
+        "hooks, statistics, publishing (errors).",
+    ),
+    "errors_max_rank": (
+        "sentinel_trainer_errors_max_rank",
+        "Rank with the most errors caught by sentinel, the lowest on a tie (rank number).",
     ),
 }
 
@@ -352,10 +395,11 @@ class AgentCollector(Collector):
         self.supervisor, self.commands, self.recorder = supervisor, commands, recorder
         self.max_tensors = config.export.max_tensors_per_stat
         self.max_stats = config.export.max_stats
+        self.all_ranks = config.export.tensor_ranks == "all"
         self.version = version
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.state.snapshot()
+        snap = self.state.snapshot(matrices="all" if self.all_ranks else "lowest")
         fams = _series_families()
         stat_fams: dict[str, GaugeMetricFamily] = {
             name: GaugeMetricFamily(name, doc, labels=PARAM_LABELS) for name, doc in STAT_FAMILIES.values()
@@ -366,18 +410,29 @@ class AgentCollector(Collector):
         }
         owner.update({name: stat for stat, (name, _) in PROBE_FAMILIES.items()})
         head_fam = GaugeMetricFamily(*HEAD_LOGIT_FAMILY, labels=[*MODULE_LABELS, "head"])
+        sample_names = {k: f.name + ("_total" if f.type == "counter" else "") for k, f in fams.items()}
+        lowest: dict[str, int] = {}  # per run, the lowest rank with matrices (export.tensor_ranks: lowest)
+        for s in snap.series:
+            if s.matrices and s.rank < lowest.get(s.run, s.rank + 1):
+                lowest[s.run] = s.rank
         for s in snap.series:
             lv = [s.run, str(s.rank)]
-            fams["step"].add_metric(lv, s.step)
-            fams["received_at"].add_metric(lv, s.received_at)
-            fams["sent"].add_metric(lv, s.sent)
-            fams["dropped"].add_metric(lv, s.dropped)
-            fams["nonfinite"].add_metric(lv, s.nonfinite_values)
+            labels = dict(zip(SERIES_LABELS, lv))  # one dict for the series' samples: a scrape of 1,024 ranks
+            for key, value in (  # makes 12,000 of them, and add_metric would build one dict each
+                ("step", s.step),
+                ("received_at", s.received_at),
+                ("sent", s.sent),
+                ("dropped", s.dropped),
+                ("nonfinite", s.nonfinite_values),
+            ):
+                fams[key].samples.append(Sample(sample_names[key], labels, value))
             for name, value in s.scalars.items():
                 if name in SCALAR_FAMILIES:
-                    fams[name].add_metric(lv, value)
+                    fams[name].samples.append(Sample(sample_names[name], labels, value))
                 else:
                     fams["observed"].add_metric([*lv, name], value)
+            if not self.all_ranks and lowest.get(s.run) != s.rank:
+                continue
             _head_logits(s, head_fam)
             for stat, (names, column) in _merged_columns(s, self.max_stats).items():
                 if stat in probe_fams:

@@ -56,12 +56,21 @@ class AgentState:
         with self.lock:
             self.decisions += n
 
-    def snapshot(self) -> AgentSnapshot:
+    def snapshot(self, matrices: str = "all") -> AgentSnapshot:
+        """``matrices="lowest"``: copy the matrices of the lowest rank of each run only (what /metrics
+        exports with ``export.tensor_ranks: lowest``), not those of a thousand other ranks."""
         with self.lock:
+            keep = None
+            if matrices == "lowest":
+                lowest: dict[str, int] = {}
+                for s in self.history:
+                    if s.layouts and s.rank < lowest.get(s.run, s.rank + 1):
+                        lowest[s.run] = s.rank
+                keep = set(lowest.items())
             return AgentSnapshot(
                 received_messages=self.received_messages,
                 rejected_messages=dict(self.rejected_messages),
                 decisions=self.decisions,
-                series=[s.snapshot() for s in self.history],
+                series=[s.snapshot(matrices=keep is None or (s.run, s.rank) in keep) for s in self.history],
                 history_bytes=self.history.nbytes,
             )

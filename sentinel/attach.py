@@ -29,6 +29,7 @@ from sentinel.optim import Chain, Guard, StepContext, fused_step, optimizer_para
 from sentinel.optim import build as build_transforms
 from sentinel.probes import Probes
 from sentinel.publish import HostTransfer, Publisher
+from sentinel.rank_reduce import RankReduce
 from sentinel.role_report import RoleGaps, find_gaps
 from sentinel.row_roles import param_roles, require, role_map_or_error
 from sentinel.run_name import default_run_name
@@ -82,6 +83,7 @@ class Sentinel:
         self.guard: Guard | None = None
         self._ctx: StepContext | None = None
         self.publisher: Publisher | None = None
+        self.job: RankReduce | None = None  # job-level loss, step time and errors (one all-reduce a step)
         self._closed_counts: tuple[int, int] = (0, 0)  # the publisher's (sent, dropped) once closed
         self.lr_scheduler = lr_scheduler
         self.checkpoints: CheckpointManager | None = None
@@ -154,6 +156,8 @@ class Sentinel:
         self._hooks.append(self._pre_hook)
         self._hooks.append(optimizer.register_step_post_hook(self._after_step))
         publishes = config.publish.ranks == "all" or self.rank == 0
+        if config.publish.enabled and config.publish.job_scalars:
+            self.job = RankReduce.create(self._params)  # on every rank: a collective each observe()
         if config.publish.enabled and publishes:
             pub = config.publish
             self.publisher = Publisher(
@@ -273,7 +277,8 @@ class Sentinel:
         now = time.perf_counter()
         grad_norm = scalars.get("grad_norm", self._pending[1] if self._pending is not None else None)
         try:
-            self._publish(now, loss, scalars)
+            job = self.job(loss, self.errors) if self.job is not None else {}  # every rank, before publishing
+            self._publish(now, loss, {**scalars, **job} if self.rank == 0 else scalars)
         except Exception:
             self.errors += 1
             log.exception("sentinel: publishing failed at step %d (training continues)", self.step)
@@ -289,6 +294,8 @@ class Sentinel:
             self._drop_failed_grads()
         if self.control is not None:
             self.control.boundary(loss, grad_norm)  # commands, then checkpoints; never raises
+        if self.job is not None:
+            self.job.left()
 
     def add_source(self, collect: Any) -> None:
         """Publish what ``collect()`` returns, ``[(Layout, packed float32 tensor)]``, with every ``observe()``."""

@@ -63,6 +63,12 @@ class PublishConfig:
         1000, range=(1, 1_000_000), doc="Messages buffered while the agent is slow; beyond this they drop."
     )
     ranks: str = option("zero", choices=("zero", "all"), doc="Which ranks publish: rank 0 only, or every rank.")
+    job_scalars: bool = option(
+        True,
+        doc="Under torch.distributed, reduce every rank's loss, step time and error count with one small "
+        "all-reduce per step and publish their job-level min/mean/max and arg-max rank from rank 0 "
+        "(docs/distributed.md); every rank must have the same value.",
+    )
     insecure: bool = option(
         False,
         doc="Publish without CURVE when `publish.curve` is not set. By default the keys come from the local "

@@ -2,7 +2,12 @@
 with no warm-up (Megatron-LM treats it as fatal); a non-finite value in any other scalar or
 per-tensor statistic is a ``nonfinite`` warning naming it.  One detection per episode: an episode
 lasts while the value stays non-finite in the messages that carry it (a message without it, such
-as the probes' own, neither ends nor repeats it)."""
+as the probes' own, neither ends nor repeats it).
+
+Under torch.distributed rank 0 also sends the job-level ``loss_max`` (sentinel/rank_reduce.py): a
+loss that is not finite on *any* rank makes it non-finite, and ``loss_max_rank`` names the first
+such rank.  The loss episode then reads that value, and the detection names the rank, so a NaN on
+rank 1 of a run where only rank 0 publishes is a critical ``nonfinite`` detection like rank 0's own."""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from agent.protocol import StatsMessage
 from agent.typedconfig import option
 
 PRIMARY = ("loss", "grad_norm")
+#: job-level scalar (max over ranks) and the rank it came from, per primary scalar that has one
+JOB_LEVEL = {"loss": ("loss_max", "loss_max_rank", "loss_nonfinite_ranks")}
 
 
 @dataclass
@@ -38,7 +45,7 @@ class Nonfinite(Predictor):
     def update(self, msg: StatsMessage, series) -> list[Detection]:
         out = []
         for name in PRIMARY:
-            v = msg.scalar(name)
+            v, where, evidence = _primary(msg, name)
             if v is None:
                 continue  # not in this message: its episode goes on
             if math.isfinite(v):
@@ -46,7 +53,7 @@ class Nonfinite(Predictor):
                 continue
             if name not in self._bad:
                 out.append(Detection(self.run, self.rank, msg.step, self.name, "critical", name, v,
-                                     f"{name} is {v} at step {msg.step}", evidence={"value": v}))  # fmt: skip
+                                     f"{name} is {v}{where} at step {msg.step}", evidence=evidence))  # fmt: skip
             self._bad.add(name)
         others = [
             n for n, v in zip(msg.layout.scalars, msg.scalars.tolist()) if n not in PRIMARY and not math.isfinite(v)
@@ -69,3 +76,21 @@ class Nonfinite(Predictor):
 
     def rewind(self, to_step: int) -> None:
         self._bad.clear()
+
+
+def _primary(msg: StatsMessage, name: str) -> tuple[float | None, str, dict]:
+    """(value, " on rank R" or "", evidence) of a primary scalar: the job-level one when it is not finite."""
+    v = msg.scalar(name)
+    if name not in JOB_LEVEL:
+        return v, "", {"value": v}
+    job_name, rank_name, count_name = JOB_LEVEL[name]
+    job = msg.scalar(job_name)
+    if job is None or math.isfinite(job):
+        return v, "", {"value": v}
+    rank, count = msg.scalar(rank_name), msg.scalar(count_name)
+    rank = int(rank) if rank is not None and math.isfinite(rank) else None
+    count = int(count) if count is not None and math.isfinite(count) else None
+    where = "" if rank is None else f" on rank {rank}"
+    if count is not None and count > 1:
+        where += f" (non-finite on {count} ranks)"
+    return job, where, {"value": job, "rank": rank, "nonfinite_ranks": count, "statistic": job_name}

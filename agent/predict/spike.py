@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -209,22 +209,43 @@ class SpikeDetector:
 
 
 class _ScalarSpike(Predictor):
+    """One spike detector on one scalar; on the job-level maximum over ranks when the message has it.
+
+    Under torch.distributed rank 0 also sends ``<statistic>_max`` and ``<statistic>_max_rank``
+    (sentinel/rank_reduce.py): scoring the maximum sees a spike on any one rank (the mean would
+    divide it by the number of ranks), and the detection names the rank it came from.
+    """
+
     kind = "event"
     statistic: str
+    job_level: bool = False
 
     def __init__(self, cfg, run: str = "", rank: int = 0):
         super().__init__(cfg, run, rank)
         self.detector = SpikeDetector(self.name, self.statistic, self.c)
 
+    def _source(self, msg: StatsMessage) -> str:
+        job = self.statistic + "_max"
+        return job if self.job_level and job in msg.layout.scalars else self.statistic
+
     def wants(self, msg: StatsMessage) -> bool:
-        return self.statistic in msg.layout.scalars
+        return self._source(msg) in msg.layout.scalars
 
     def update(self, msg: StatsMessage, series) -> list[Detection]:
-        value = msg.scalar(self.statistic)
+        source = self._source(msg)
+        value = msg.scalar(source)
         if value is None or not math.isfinite(value):
             return []
         d = self.detector.update(self.run, self.rank, msg.step, value)
-        return [] if d is None else [d]
+        if d is None:
+            return []
+        if source != self.statistic:
+            r = msg.scalar(source + "_rank")
+            r = int(r) if r is not None and math.isfinite(r) else None
+            text = f"{self.statistic} of rank {r} (the largest over ranks)" if r is not None else source
+            d = replace(d, message=text + d.message[len(self.statistic) :],
+                        evidence={**d.evidence, "rank": r, "statistic": source})  # fmt: skip
+        return [d]
 
     def rewind(self, to_step: int) -> None:
         self.detector.rewind(to_step)
@@ -232,6 +253,7 @@ class _ScalarSpike(Predictor):
 
 class LossSpike(_ScalarSpike):
     name, key, Config, statistic = "loss_spike", "loss", SpikeConfig, "loss"
+    job_level = True
 
 
 class GradNormSpike(_ScalarSpike):

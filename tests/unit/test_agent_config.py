@@ -27,7 +27,7 @@ def test_defaults_match_the_documented_contract():
     assert cfg.history.steps == 1024
     assert (cfg.limits.max_message_bytes, cfg.limits.max_series, cfg.limits.max_scalar_names) == (
         16 << 20,
-        256,
+        4096,
         64,
     )
     assert cfg.export.max_tensors_per_stat == 256
