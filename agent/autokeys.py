@@ -26,37 +26,26 @@ import contextlib
 import json
 import logging
 import os
-import re
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.keys import create_keys, load_secret
+from sentinel_contract.channels import DISCOVERY_ENV, discovery_dir, discovery_name
 
 logger = logging.getLogger("sentinel.agent")
 
 DISCOVERY_VERSION = 1
-ENV = "SENTINEL_DISCOVERY_DIR"
+ENV = DISCOVERY_ENV
 
 
 class KeysError(OSError):
     """The key directory cannot be used (unsafe permissions, unreadable, incomplete)."""
 
 
-def default_discovery_dir() -> Path:
-    """``$SENTINEL_DISCOVERY_DIR``, else ``$XDG_STATE_HOME/sentinel/agents``, else ``~/.local/state/sentinel/agents``
-    (sentinel/discovery.py resolves the same path on the trainer's side)."""
-    env = os.environ.get(ENV)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "sentinel" / "agents"
-
-
-def discovery_name(endpoint: str) -> str:
-    """The discovery file name of an endpoint: ``tcp-127.0.0.1-5557.json``; same rule as sentinel/discovery.py."""
-    return re.sub(r"[^A-Za-z0-9.]+", "-", endpoint.replace("://", "-")).strip("-")[:200] + ".json"
+#: where the discovery files go, and each one's name: the rule both sides read (sentinel_contract.channels)
+default_discovery_dir = discovery_dir
 
 
 def aliases(endpoint: str) -> list[str]:

@@ -19,7 +19,7 @@ from agent.keys import KeysExistError, create_keys
 from agent.recording import RecordingError
 from agent.replay import format_decision, nothing_decided, replay
 from agent.report import command as report_command
-from agent.typedconfig import ConfigError, write_commented
+from sentinel_contract.typedconfig import ConfigError, write_commented
 
 logger = logging.getLogger("sentinel.agent")
 

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from agent.commands import Ack, Command, CommandError, Hello, decode
-from agent.config import CommandsConfig, bind_endpoint
+from agent.config import CommandsConfig
 from agent.events import EventLog
 from agent.owners import RunOwners, peer_key
 from agent.receive import RateLimiter, clean
 from agent.socket_thread import SocketThread
+from sentinel_contract.channels import bind_endpoint
+from sentinel_contract.commands import Ack, Command, CommandError, Hello, decode
 
 logger = logging.getLogger("sentinel.agent")
 

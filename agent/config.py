@@ -10,15 +10,21 @@ Run `python -m agent.config` to print the reference table for the docs.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.policy import PolicyConfig, parse_rules
 from agent.predict import PredictConfig
-from agent.typedconfig import ConfigError, load, option, reference_markdown
+from sentinel_contract.channels import (  # noqa: F401 (bind_endpoint, is_loopback, parse_tcp_endpoint: old homes)
+    ServerCurve,
+    bind_endpoint,
+    check_endpoint,
+    check_pair,
+    is_loopback,
+    parse_tcp_endpoint,
+)
+from sentinel_contract.typedconfig import ConfigError, load, option, reference_markdown
 
 MiB = 1 << 20
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -152,30 +158,8 @@ class RecordingConfig:
     )
 
 
-@dataclass
-class CurveConfig:
-    secret_file: str | None = option(
-        None,
-        doc="The agent's secret certificate (`server.key_secret` from `sentinel-agent keys DIR`); unset: "
-        "the agent's own keys in `security.keys_dir` (docs/security.md).",
-    )
-    authorized_dir: str | None = option(
-        None, doc="Directory of client public certificates allowed to connect (`DIR/authorized`)."
-    )
-
-
-@dataclass
-class StatsCurveConfig:
-    secret_file: str | None = option(
-        None,
-        doc="The agent's secret certificate (`server.key_secret` from `sentinel-agent keys DIR`), with "
-        "`stats_curve.authorized_dir`; unset: the agent's own keys in `security.keys_dir` (docs/security.md).",
-    )
-    authorized_dir: str | None = option(
-        None,
-        doc="Directory of trainer public certificates allowed to publish statistics (`DIR/authorized`); "
-        "messages from any other key never arrive.",
-    )
+#: the agent's CURVE sections (``commands.curve``, ``stats_curve``): one type, sentinel_contract.channels
+CurveConfig = StatsCurveConfig = ServerCurve
 
 
 @dataclass
@@ -191,7 +175,7 @@ class CommandsConfig:
     expire_seconds: float = option(
         600.0, range=(1.0, 604800.0), doc="A command still unacknowledged after this long is given up (logged)."
     )
-    curve: CurveConfig = field(default_factory=CurveConfig)
+    curve: ServerCurve = field(default_factory=ServerCurve)
 
 
 @dataclass
@@ -201,7 +185,7 @@ class AgentConfig:
         doc="ZeroMQ endpoint the agent binds its PULL socket to (`tcp://HOST:PORT` or "
         "`ipc://PATH`); PORT may be `*` or 0 for any free port.",
     )
-    stats_curve: StatsCurveConfig = field(default_factory=StatsCurveConfig)
+    stats_curve: ServerCurve = field(default_factory=ServerCurve)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -219,60 +203,18 @@ class AgentConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
-_TCP = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^:/\[\]]+):(?P<port>\*|\d+)$")
-
-
-def parse_tcp_endpoint(endpoint: str) -> tuple[str, int | None]:
-    """(host, port) of `tcp://HOST:PORT`; port None means any free port (`*` or 0)."""
-    m = _TCP.match(endpoint)
-    if not m:
-        raise ValueError(f"{endpoint!r} is not tcp://HOST:PORT")
-    port = m["port"]
-    if port == "*" or int(port) == 0:
-        return m["host"], None
-    if int(port) > 65535:
-        raise ValueError(f"port {port} is out of range")
-    return m["host"], int(port)
-
-
-def bind_endpoint(endpoint: str) -> str:
-    """The endpoint as ZeroMQ should bind it: `:0` written as `:*`."""
-    if endpoint.startswith("tcp://"):
-        host, port = parse_tcp_endpoint(endpoint)
-        return f"tcp://{host}:{'*' if port is None else port}"
-    return endpoint
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback IPs; False for wildcards, other IPs and unresolved names."""
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def validate(cfg: AgentConfig) -> AgentConfig:
     """Checks that involve more than one value or parse a string; raises ConfigError."""
     _validate_curve(cfg.stats_curve, "stats_curve")
-    ep = cfg.stats_endpoint
-    if ep.startswith("tcp://"):
-        try:
-            host, _ = parse_tcp_endpoint(ep)
-        except ValueError as exc:
-            raise ConfigError(f"stats_endpoint: {exc}; allowed: tcp://HOST:PORT or ipc://PATH") from None
-        plain = cfg.stats_curve.secret_file is None and cfg.security.insecure
-        if not is_loopback(host) and plain and not cfg.security.allow_insecure_remote:
-            raise ConfigError(
-                f"stats_endpoint: {ep!r} is not a loopback address and security.insecure is true; anyone who "
-                "can reach it could feed the agent false statistics, and so trigger rollbacks. Drop "
-                "security.insecure (CURVE is the default), or set security.allow_insecure_remote: true on a "
-                "trusted network"
-            )
-    elif not (ep.startswith("ipc://") and len(ep) > len("ipc://")):
-        raise ConfigError(f"stats_endpoint: {ep!r} is not allowed; allowed: tcp://HOST:PORT or ipc://PATH")
+    check_endpoint(
+        "stats_endpoint",
+        cfg.stats_endpoint,
+        plain=cfg.stats_curve.secret_file is None and cfg.security.insecure,
+        allow_remote=cfg.security.allow_insecure_remote,
+        insecure_key="security.insecure",
+        allow_key="security.allow_insecure_remote",
+        risk="anyone who can reach it could feed the agent false statistics, and so trigger rollbacks",
+    )
     m = cfg.metrics
     mutual_tls = bool(m.certfile and m.keyfile and m.client_cafile)  # clients authenticated in the handshake
     if not cfg.security.allow_insecure_remote and not mutual_tls and not is_loopback(m.host):
@@ -295,10 +237,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     return cfg
 
 
-def _validate_curve(curve: CurveConfig | StatsCurveConfig, key: str) -> None:
-    if (curve.secret_file is None) != (curve.authorized_dir is None):
-        missing = "secret_file" if curve.secret_file is None else "authorized_dir"
-        raise ConfigError(f"{key}.{missing}: required when the other of secret_file/authorized_dir is set")
+def _validate_curve(curve: ServerCurve, key: str) -> None:
+    check_pair(key, curve)
     if curve.secret_file is not None and not Path(curve.secret_file).is_file():
         raise ConfigError(f"{key}.secret_file: {curve.secret_file!r} is not a file")
     if curve.authorized_dir is not None and not Path(curve.authorized_dir).is_dir():
@@ -311,21 +251,15 @@ def _validate_commands(cfg: AgentConfig) -> None:
     _validate_curve(curve, "commands.curve")
     if not c.enabled:
         return
-    ep = c.endpoint
-    if ep.startswith("tcp://"):
-        try:
-            host, _ = parse_tcp_endpoint(ep)
-        except ValueError as exc:
-            raise ConfigError(f"commands.endpoint: {exc}; allowed: tcp://HOST:PORT or ipc://PATH") from None
-        plain = curve.secret_file is None and cfg.security.insecure
-        if not is_loopback(host) and plain and not cfg.security.allow_insecure_remote:
-            raise ConfigError(
-                f"commands.endpoint: {ep!r} is not a loopback address and security.insecure is true; "
-                "anyone who can reach it could roll the run back. Drop security.insecure (CURVE is the "
-                "default), or set security.allow_insecure_remote: true on a trusted network"
-            )
-    elif not (ep.startswith("ipc://") and len(ep) > len("ipc://")):
-        raise ConfigError(f"commands.endpoint: {ep!r} is not allowed; allowed: tcp://HOST:PORT or ipc://PATH")
+    check_endpoint(
+        "commands.endpoint",
+        c.endpoint,
+        plain=curve.secret_file is None and cfg.security.insecure,
+        allow_remote=cfg.security.allow_insecure_remote,
+        insecure_key="security.insecure",
+        allow_key="security.allow_insecure_remote",
+        risk="anyone who can reach it could roll the run back",
+    )
 
 
 def state_path(cfg: AgentConfig, value: str | None, default_name: str) -> Path:

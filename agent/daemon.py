@@ -24,13 +24,13 @@ from agent.history import PushResult
 from agent.http import HTTPService, make_app
 from agent.metrics import make_registry
 from agent.owners import RunOwners
-from agent.protocol import StatsMessage
 from agent.receive import Receiver
 from agent.recording import StatsRecorder
 from agent.state import AgentState
 from agent.status_page import StatusBoard, render_page
 from agent.supervisor import Supervisor
 from agent.warm import warm_start
+from sentinel_contract.protocol import StatsMessage
 
 logger = logging.getLogger("sentinel.agent")
 

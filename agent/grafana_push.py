@@ -26,8 +26,10 @@ import yaml
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
-#: The generated files in a source checkout; a pip install (not editable) has no such folder.
+#: The generated files in a source checkout (and an editable install).
 CHECKOUT_DIR = Path(__file__).resolve().parents[1] / "grafana"
+#: The same files in an installed wheel: pyproject.toml ships grafana/ as the package data of ``agent.grafana``.
+INSTALLED_DIR = Path(__file__).resolve().parent / "grafana"
 ALERTS_FILE = Path("provisioning/alerting/sentinel.yml")
 PROVIDER_FILE = Path("provisioning/dashboards/sentinel.yml")
 DEFAULT_FOLDER_UID = "llm-sentinel"
@@ -332,9 +334,9 @@ def add_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
         type=Path,
         default=None,
         metavar="DIR",
-        help="folder with dashboards/ and provisioning/ as grafana/generate.py writes them: the grafana/ folder "
-        "of an llm-sentinel checkout or source archive. Default: that folder of the checkout this command runs "
-        f"from ({CHECKOUT_DIR}); required after a pip install, which does not include it",
+        help="folder with dashboards/ and provisioning/ as grafana/generate.py writes them, e.g. the grafana/ "
+        "folder of an llm-sentinel checkout. Default: that folder of the checkout this command runs from "
+        f"({CHECKOUT_DIR}), else the copy an installed package carries ({INSTALLED_DIR})",
     )
     push.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds per HTTP request (default 10)")
 
@@ -361,13 +363,13 @@ def run_push(args: argparse.Namespace, out: Any = None) -> int:
         return fail(f"--timeout must be positive, got {args.timeout}", EXIT_USAGE)
     directory = args.dir
     if directory is None:
-        if not (CHECKOUT_DIR / "dashboards").is_dir():
+        directory = next((d for d in (CHECKOUT_DIR, INSTALLED_DIR) if (d / "dashboards").is_dir()), None)
+        if directory is None:
             return fail(
-                f"no --dir given, and there is no grafana/ folder at {CHECKOUT_DIR} (a pip install does not include "
-                "one): give --dir the grafana/ folder of an llm-sentinel checkout or source archive",
+                f"no --dir given, and there is no grafana/ folder at {CHECKOUT_DIR} nor at {INSTALLED_DIR} (a pip "
+                "install of this version carries one): give --dir the grafana/ folder of an llm-sentinel checkout",
                 EXIT_USAGE,
             )
-        directory = CHECKOUT_DIR
     try:
         bundle = load_bundle(directory)
         counts = Pusher(args.url, token or None, timeout=args.timeout).push(bundle, out)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from agent.protocol import StatsMessage
+from sentinel_contract.protocol import StatsMessage
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig

@@ -32,11 +32,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.commands import ACTIONS, Command, CommandError, decode
 from agent.predict import DETECTORS, SEVERITIES, Detection, severity_rank
-from agent.typedconfig import ConfigError, build, option
+from sentinel_contract.actions import ACTIONS, STRENGTH
+from sentinel_contract.commands import Command, CommandError, decode
+from sentinel_contract.typedconfig import ConfigError, build, option
 
-STRENGTH = {"warn": 0, "eps_scale": 1, "lr_scale": 1, "skip_update": 2, "skip_batches": 3, "rollback": 4, "stop": 5}
 PALM_ROLLBACK = {"steps_back": 100, "skip": 200}
 DEFAULT_RULES = [
     {"detector": "nonfinite", "severity": "critical", "action": "rollback", "args": dict(PALM_ROLLBACK)},

@@ -21,13 +21,14 @@ import numpy as np
 import zmq
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from agent import protocol
-from agent.config import AgentConfig, bind_endpoint
+from agent.config import AgentConfig
 from agent.history import PushResult, SeriesKey
 from agent.owners import RunOwners, peer_key
-from agent.protocol import ProtocolError, StatsMessage
 from agent.socket_thread import SocketThread
 from agent.state import AgentState
+from sentinel_contract import protocol
+from sentinel_contract.channels import bind_endpoint
+from sentinel_contract.protocol import ProtocolError, StatsMessage
 
 logger = logging.getLogger("sentinel.agent")
 

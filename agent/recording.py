@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.events import plain
-from agent.protocol import DTYPE, Layout, StatsMessage, layout_id
+from sentinel_contract.protocol import DTYPE, Layout, StatsMessage, layout_id
 
 logger = logging.getLogger("sentinel.agent")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from agent.config import AgentConfig
 from agent.history import History, PushResult, SeriesSnapshot
-from agent.protocol import REJECT_REASONS, StatsMessage
+from sentinel_contract.protocol import REJECT_REASONS, StatsMessage
 
 
 @dataclass(frozen=True)

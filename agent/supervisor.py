@@ -19,14 +19,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from agent.commands import Command
 from agent.config import AgentConfig
 from agent.events import EventLog
 from agent.history import SeriesHistory
 from agent.policy import SUPPRESS_REASONS, Decision, Policy
 from agent.predict import Detection, Forecast, Risk, SeriesPredictor
-from agent.protocol import StatsMessage
 from agent.recording import StatsRecorder
+from sentinel_contract.commands import Command
+from sentinel_contract.protocol import StatsMessage
 
 logger = logging.getLogger("sentinel.agent")
 

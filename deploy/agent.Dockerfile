@@ -14,9 +14,11 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 WORKDIR /opt/llm-sentinel
 COPY pyproject.toml README.md ./
+COPY sentinel_contract ./sentinel_contract
 COPY agent ./agent
 COPY sentinel ./sentinel
 COPY examples ./examples
+COPY grafana ./grafana
 RUN pip install . && rm -rf /opt/llm-sentinel/build
 
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/sentinel-agent --shell /usr/sbin/nologin sentinel \

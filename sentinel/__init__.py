@@ -7,10 +7,10 @@ for batch in sn.batches(loader):
 sn.close()
 """
 
-from agent.typedconfig import ConfigError
 from sentinel.attach import Sentinel, attach
 from sentinel.config import Config, load_config
 from sentinel.stabilise import z_loss
+from sentinel_contract.typedconfig import ConfigError
 
 __version__ = "0.1.0"
 __all__ = ["Config", "ConfigError", "Sentinel", "attach", "load_config", "z_loss", "__version__"]

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent.protocol import Layout
 from sentinel import stabilise
 from sentinel.adam import GroupEps, is_adam
 from sentinel.checkpoint import CheckpointManager
@@ -35,6 +34,7 @@ from sentinel.row_roles import param_roles, require, role_map_or_error
 from sentinel.run_name import default_run_name
 from sentinel.stats import StatsTap, TensorStats
 from sentinel.te import Fp8CacheRefresh, is_te_module
+from sentinel_contract.protocol import Layout
 
 log = logging.getLogger("sentinel")
 STATE_VERSION = 1

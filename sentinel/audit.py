@@ -435,9 +435,9 @@ def _input_shape(text: str) -> tuple[int, int]:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from agent.typedconfig import ConfigError
     from sentinel.config import load_config
     from sentinel.model_call import ModelCallError
+    from sentinel_contract.typedconfig import ConfigError
 
     try:
         config = load_config(args.config)

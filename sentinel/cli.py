@@ -57,8 +57,8 @@ Use it: sentinel.attach(model, optimizer, config="sentinel.yaml"); reference: do
 
 
 def _init(args: argparse.Namespace) -> int:
-    from agent.typedconfig import write_commented
     from sentinel.config import Config
+    from sentinel_contract.typedconfig import write_commented
 
     try:
         done = write_commented(Config, args.path, INIT_HEADER, force=args.force)

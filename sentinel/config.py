@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.typedconfig import ConfigError, load, option, reference_markdown
+from sentinel_contract.channels import ClientCurve
+from sentinel_contract.typedconfig import ConfigError, load, option, reference_markdown
 
 __all__ = ["Config", "ConfigError", "StatsConfig", "PublishConfig", "RolesConfig", "load_config"]
 
@@ -35,24 +36,8 @@ class StatsConfig:
     )
 
 
-@dataclass
-class PublishCurveConfig:
-    secret_file: str | None = option(
-        None,
-        doc="The trainer's secret certificate (`client.key_secret` from `sentinel-agent keys DIR`); with "
-        "`publish.curve.server_public_file`, these keys instead of the local agent's discovery file "
-        "(docs/security.md).",
-    )
-    server_public_file: str | None = option(
-        None, doc="The agent's public certificate (`server.key` from `sentinel-agent keys DIR`)."
-    )
-
-    def __post_init__(self) -> None:
-        if (self.secret_file is None) != (self.server_public_file is None):
-            raise ConfigError(
-                "publish.curve: secret_file and server_public_file go together; "
-                f"got secret_file={self.secret_file!r}, server_public_file={self.server_public_file!r}"
-            )
+#: the trainer's CURVE sections (``publish.curve``, ``control.curve``): one type, sentinel_contract.channels
+PublishCurveConfig = CurveConfig = ClientCurve
 
 
 @dataclass
@@ -80,7 +65,7 @@ class PublishConfig:
         doc="With `publish.insecure`, allow a non-loopback `endpoint`: statistics then travel in clear "
         "to whoever listens there.",
     )
-    curve: PublishCurveConfig = field(default_factory=PublishCurveConfig)
+    curve: ClientCurve = field(default_factory=ClientCurve)
 
     def __post_init__(self) -> None:
         from sentinel.publish import check_endpoint
@@ -199,25 +184,6 @@ class OptimConfig:
 
 
 @dataclass
-class CurveConfig:
-    secret_file: str | None = option(
-        None,
-        doc="The trainer's secret certificate (from `sentinel-agent keys DIR`); with the next key, these keys "
-        "instead of the local agent's discovery file.",
-    )
-    server_public_file: str | None = option(
-        None, doc="The agent's public certificate (from `sentinel-agent keys DIR`)."
-    )
-
-    def __post_init__(self) -> None:
-        if (self.secret_file is None) != (self.server_public_file is None):
-            raise ConfigError(
-                "control.curve: secret_file and server_public_file go together; "
-                f"got secret_file={self.secret_file!r}, server_public_file={self.server_public_file!r}"
-            )
-
-
-@dataclass
 class ControlConfig:
     enabled: bool = option(True, doc="Take commands from the agent (rank 0 connects; all ranks apply them together).")
     endpoint: str = option("tcp://127.0.0.1:5558", doc="ZeroMQ endpoint of the agent's command socket.")
@@ -239,7 +205,7 @@ class ControlConfig:
     allow_insecure_remote: bool = option(
         False, doc="With `control.insecure`, allow a non-loopback `endpoint`. Commands can roll back or stop the run."
     )
-    curve: CurveConfig = field(default_factory=CurveConfig)
+    curve: ClientCurve = field(default_factory=ClientCurve)
 
     def __post_init__(self) -> None:
         from sentinel.control import check_endpoint

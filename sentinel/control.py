@@ -35,10 +35,11 @@ import torch
 import zmq
 import zmq.auth
 
-from agent.commands import MAX_MESSAGE_BYTES, Ack, Command, CommandError, Hello, decode
 from sentinel import collectives
 from sentinel import curve as _curve
 from sentinel.checkpoint import CheckpointError
+from sentinel_contract.actions import CORRECTIVE  # no checkpoint saved before one may become good
+from sentinel_contract.commands import MAX_MESSAGE_BYTES, Ack, Command, CommandError, Hello, decode
 
 if TYPE_CHECKING:
     from sentinel.attach import Sentinel
@@ -46,8 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sentinel")
 
-# actions after which no checkpoint saved before them may become good
-CORRECTIVE = frozenset({"skip_update", "skip_batches", "rollback", "lr_scale", "eps_scale"})
 _RANK = {"failed": 0, "rejected": 1, "applied": 2}  # the all-reduced outcome is the worst rank's
 
 

@@ -17,35 +17,31 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from agent.typedconfig import ConfigError
 from sentinel.discovery import ChannelKeys
+from sentinel_contract import channels
+from sentinel_contract.typedconfig import ConfigError
 
 log = logging.getLogger("sentinel")
 
 
 def check_endpoint(section: str, config: Any, risk: str) -> None:
     """Refuse ``<section>.endpoint`` off this host without CURVE; ``risk`` says what an attacker could do."""
-    from agent.config import is_loopback
-
-    ep = config.endpoint
+    channels.check_pair(f"{section}.curve", config.curve)
     if config.allow_insecure_remote and not config.insecure:
         raise ConfigError(
             f"{section}.allow_insecure_remote: needs {section}.insecure: true (the channel is authenticated "
             f"with CURVE by default; set {section}.curve for a remote agent)"
         )
-    if not ep.startswith("tcp://"):
-        if not ep.startswith(("ipc://", "inproc://")) or ep.endswith("://"):
-            raise ConfigError(f"{section}.endpoint: {ep!r} must be tcp://HOST:PORT, ipc://PATH or inproc://NAME")
-        return
-    host, _, port = ep[len("tcp://") :].rpartition(":")
-    if not host.strip("[]") or not port:
-        raise ConfigError(f"{section}.endpoint: {ep!r} must be tcp://HOST:PORT")
-    plain = config.curve.secret_file is None and config.insecure
-    if not is_loopback(host) and plain and not config.allow_insecure_remote:
-        raise ConfigError(
-            f"{section}.endpoint: {ep!r} is not a loopback address and {section}.insecure is true; {risk}. "
-            f"Drop {section}.insecure (CURVE is the default), or set {section}.allow_insecure_remote: true"
-        )
+    channels.check_endpoint(
+        f"{section}.endpoint",
+        config.endpoint,
+        plain=config.curve.secret_file is None and config.insecure,
+        allow_remote=config.allow_insecure_remote,
+        insecure_key=f"{section}.insecure",
+        allow_key=f"{section}.allow_insecure_remote",
+        risk=risk,
+        schemes=("tcp", "ipc", "inproc"),
+    )
 
 
 def _certificate(path: str | None, key: str) -> tuple[bytes, bytes | None]:

@@ -1,7 +1,8 @@
 """``sentinel demo``: train the tiny GPT on CPU with a live agent, the way a newcomer first sees it.
 
 Runs ``sentinel audit`` on the demo's model first (and sets the ``stabilise`` switch its fix names),
-starts ``sentinel-agent`` as a child process, prints its /metrics address as soon as it
+starts ``sentinel-agent`` as a child process (``sentinel_contract.agent_process``: the agent's command
+line and ready file, so the trainer imports nothing of the agent), prints its /metrics address as soon as it
 listens, trains ``examples/tiny_gpt.py`` with sentinel attached, shows progress, and ends
 with a summary of what went over the wire and what the agent decided, and the run report
 (``sentinel-agent report``, docs/report.md) written from the agent's files, with its path.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.spawn import AgentProcess
+from sentinel_contract.agent_process import AgentProcess
 
 
 class Progress:
@@ -137,20 +138,31 @@ def _actions(events_path: str | None) -> list[str]:
     return lines
 
 
-def _report(agent_dir: Path, report_dir: Path, out) -> Path | None:
-    """Keep the agent's files in ``report_dir/agent-state`` and write the report from them."""
+def _report(agent_dir: Path, report_dir: Path, out, timeout: float = 300.0) -> Path | None:
+    """Keep the agent's files in ``report_dir/agent-state`` and write the report from them.
+
+    The report is the agent's (``sentinel-agent report``, matplotlib): it runs as that command, in its
+    own process, so the trainer never imports the agent (docs/architecture.md).
+    """
     state = report_dir / "agent-state"
     state.mkdir(parents=True, exist_ok=True)
     for path in sorted(agent_dir.glob("*/*.jsonl")):
         shutil.copy2(path, state / path.name)
+    html = report_dir / "report.html"
+    cmd = [sys.executable, "-m", "agent", "report", str(state), "--out", str(html), "--title", REPORT_TITLE]
     try:
-        from agent.report import MatplotlibMissing, ReportError, build_report
-
-        result = build_report([state], report_dir / "report.html", title="llm-sentinel demo run report")
-    except (ImportError, MatplotlibMissing, ReportError) as exc:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
         print(f"\nrun report not written: {exc}", file=out)
         return None
-    return result.html
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"sentinel-agent report exited with {done.returncode}"]
+        print(f"\nrun report not written: {lines[-1].removeprefix('sentinel-agent: error: ')}", file=out)
+        return None
+    return html
+
+
+REPORT_TITLE = "llm-sentinel demo run report"
 
 
 @dataclass

@@ -4,8 +4,8 @@ An agent serving a channel with the keys it made itself writes ``<dir>/<endpoint
 (agent/autokeys.py; format in docs/security.md): its public key and a trainer key pair it
 admits.  The trainer looks the file up from its own endpoint, so nothing has to be configured
 on the same host.  ``<dir>`` is ``$SENTINEL_DISCOVERY_DIR``, else ``$XDG_STATE_HOME/sentinel/agents``,
-else ``~/.local/state/sentinel/agents``; the rule is repeated here rather than imported, since
-the trainer does not import the agent's key code.
+else ``~/.local/state/sentinel/agents``; the file's name and place come from
+``sentinel_contract.channels``, which the agent that writes it uses too.
 
 A file or directory that others could write is refused (whoever wrote it would choose the key
 the trainer trusts), and so is a file others could read (its trainer key proves nothing).
@@ -18,29 +18,14 @@ up without a restart and the step never waits.
 from __future__ import annotations
 
 import json
-import os
-import re
 import stat
 import time
 from pathlib import Path
 
-ENV = "SENTINEL_DISCOVERY_DIR"
+from sentinel_contract.channels import DISCOVERY_ENV, discovery_dir, discovery_path  # noqa: F401 (discovery_dir: API)
+
+ENV = DISCOVERY_ENV
 LOOK_SECONDS = 1.0
-
-
-def discovery_dir() -> Path:
-    env = os.environ.get(ENV)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "sentinel" / "agents"
-
-
-def discovery_path(endpoint: str, directory: Path | None = None) -> Path:
-    """The file an agent bound at ``endpoint`` writes (``localhost`` is looked up as 127.0.0.1)."""
-    endpoint = endpoint.replace("tcp://localhost:", "tcp://127.0.0.1:")
-    name = re.sub(r"[^A-Za-z0-9.]+", "-", endpoint.replace("://", "-")).strip("-")[:200] + ".json"
-    return (directory or discovery_dir()) / name
 
 
 def read_keys(path: Path) -> tuple[bytes, bytes, bytes]:

@@ -33,8 +33,8 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from agent import protocol
 from sentinel import curve as _curve
+from sentinel_contract import protocol
 
 if TYPE_CHECKING:
     from sentinel.config import PublishConfig, PublishCurveConfig

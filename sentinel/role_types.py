@@ -6,8 +6,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.typedconfig import ConfigError
 from sentinel.role_presets import ROLES
+from sentinel_contract.typedconfig import ConfigError
 
 __all__ = ["FusedParts", "ParamRole", "RoleError", "RoleMap"]
 

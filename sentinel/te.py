@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from agent.protocol import Layout
+from sentinel_contract.protocol import Layout
 
 log = logging.getLogger("sentinel")
 

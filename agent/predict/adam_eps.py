@@ -25,7 +25,7 @@ import numpy as np
 
 from agent.predict.roles import trained_rows
 from agent.predict.trend import TrendPredictor, curve, fit_rows
-from agent.typedconfig import option
+from sentinel_contract.typedconfig import option
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.predict.trend import TrendPredictor, curve, fit_rows
-from agent.typedconfig import option
+from sentinel_contract.typedconfig import option
 
 
 @dataclass

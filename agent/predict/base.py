@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from agent.events import plain
-from agent.protocol import StatsMessage
+from sentinel_contract.protocol import StatsMessage
 
 if TYPE_CHECKING:
     from agent.history import SeriesHistory

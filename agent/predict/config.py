@@ -8,7 +8,7 @@ from dataclasses import field
 
 from agent.predict.registry import PREDICTORS
 from agent.predict.trend import TrendConfig
-from agent.typedconfig import option
+from sentinel_contract.typedconfig import option
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.predict.base import Detection, Predictor, severity_rank
-from agent.typedconfig import option
+from sentinel_contract.typedconfig import option
 
 NEEDS = ("param_l2", "update_l2")
 

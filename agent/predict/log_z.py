@@ -19,7 +19,7 @@ import numpy as np
 from agent.history import StatWindow
 from agent.predict.fit import Baselines, current_segment
 from agent.predict.trend import TrendPredictor, curve, fit_rows
-from agent.typedconfig import option
+from sentinel_contract.typedconfig import option
 
 NAMES = ("log_z_mean", "log_z_max")
 

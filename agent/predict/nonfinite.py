@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.predict.base import Detection, Predictor
-from agent.protocol import StatsMessage
-from agent.typedconfig import option
+from sentinel_contract.protocol import StatsMessage
+from sentinel_contract.typedconfig import option
 
 PRIMARY = ("loss", "grad_norm")
 #: job-level scalar (max over ranks) and the rank it came from, per primary scalar that has one

@@ -18,7 +18,7 @@ import numpy as np
 
 from agent.predict.fit import Baselines
 from agent.predict.trend import TrendPredictor, curve, fit_rows
-from agent.typedconfig import option
+from sentinel_contract.typedconfig import option
 
 
 @dataclass

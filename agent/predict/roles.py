@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.protocol import VECTOR_ROLES, Layout, StatsMessage
+from sentinel_contract.protocol import VECTOR_ROLES, Layout, StatsMessage
 
 FALLBACK_EXCLUDE = ("bias", "norm", "ln_", "ln1", "ln2", "ln_f", "layernorm", "rmsnorm")
 

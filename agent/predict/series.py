@@ -15,7 +15,7 @@ import math
 from typing import TYPE_CHECKING
 
 from agent.predict.base import Detection, Forecast, Predictor, Risk, severity_rank
-from agent.protocol import StatsMessage
+from sentinel_contract.protocol import StatsMessage
 
 if TYPE_CHECKING:
     from agent.history import SeriesHistory

@@ -22,8 +22,8 @@ import numpy as np
 
 from agent.predict.base import Detection, Predictor, severity_rank
 from agent.predict.fit import median as _median
-from agent.protocol import StatsMessage
-from agent.typedconfig import option
+from sentinel_contract.protocol import StatsMessage
+from sentinel_contract.typedconfig import option
 
 logger = logging.getLogger("sentinel.agent")
 MAD_TO_SIGMA = 1.4826

@@ -40,8 +40,8 @@ import numpy as np
 from agent.history import StatWindow
 from agent.predict.base import Forecast, Predictor
 from agent.predict.fit import current_segment, fit_lines
-from agent.protocol import Layout, StatsMessage
-from agent.typedconfig import option
+from sentinel_contract.protocol import Layout, StatsMessage
+from sentinel_contract.typedconfig import option
 
 if TYPE_CHECKING:
     from agent.history import SeriesHistory

@@ -26,7 +26,7 @@ import numpy as np
 from agent.predict.base import Forecast, Predictor
 from agent.predict.fit import median
 from agent.predict.roles import matrix_rows
-from agent.typedconfig import option
+from sentinel_contract.typedconfig import option
 
 
 @dataclass

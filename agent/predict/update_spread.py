@@ -20,7 +20,7 @@ import numpy as np
 from agent.predict.fit import median
 from agent.predict.roles import matrix_rows
 from agent.predict.trend import TrendPredictor, curve, fit_rows
-from agent.typedconfig import option
+from sentinel_contract.typedconfig import option
 
 
 @dataclass

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch.overrides import _get_current_function_mode_stack
 
-from agent.protocol import Layout
 from sentinel.probes.attention import AttentionCapture, positions, te_head_max
 from sentinel.probes.bounds import attention_bound, ffn_bound, jz_estimate, weight_std
 from sentinel.probes.plan import ProbePlan, make_plan
 from sentinel.roles import RoleMap
+from sentinel_contract.protocol import Layout
 
 log = logging.getLogger("sentinel")
 

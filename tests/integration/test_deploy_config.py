@@ -117,7 +117,9 @@ def test_the_image_build_context_installs_every_package(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         packaged = {str(Path(name).parent) for name in zf.namelist() if name.endswith("/__init__.py")}
     expected = {
-        str(p.parent.relative_to(ROOT)) for top in ("agent", "sentinel") for p in (ROOT / top).rglob("__init__.py")
+        str(p.parent.relative_to(ROOT))
+        for top in ("agent", "sentinel", "sentinel_contract")
+        for p in (ROOT / top).rglob("__init__.py")
     }
     expected.add("sentinel/examples")
     assert expected <= packaged, f"missing from the installed package: {sorted(expected - packaged)}"
