@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sentinel import collectives
+import sentinel.collectives as collectives
 
 log = logging.getLogger("sentinel")
 COLUMNS = ("loss", "loss_given", "step_seconds", "errors")
