@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.zoo.judge import Row, clean_tally, judge, summary  # noqa: E402
 from benchmarks.zoo.runner import Agents, Arm, Endpoint, run_arm  # noqa: E402
-from benchmarks.zoo.scenarios import QUICK, SCENARIOS, Scenario  # noqa: E402
+from benchmarks.zoo.scenarios import HELDOUT, QUICK, SCENARIOS, Scenario  # noqa: E402
 
 NOISE_SEED = 1000
 
@@ -98,10 +98,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if x]
-    chosen = [s for s in SCENARIOS if (s.name in QUICK if args.quick else True)]
+    chosen = [s for s in SCENARIOS if s.name in QUICK] if args.quick else [*SCENARIOS, *HELDOUT]
     if args.only:
         want = set(args.only.split(","))
-        chosen = [s for s in chosen if s.name in want or s.group in want]
+        chosen = [s for s in chosen if s.name in want or s.group in want or ("heldout" in want and s in HELDOUT)]
     if not chosen:
         parser.error(f"no scenario matches --only {args.only!r}")
     runs, twins = plan(chosen, seeds)
@@ -178,6 +178,11 @@ def report(rows: list[Row], clean_arms: list[Arm], out: dict, wall: float) -> No
         if a.detections:
             what = " ".join(f"{d['detector']}/{d['severity'][0]}@{d['trained']}" for d in a.detections[:6])
             print(f"clean run {a.name}: {what}")
+    held = [a for a in clean_arms if a.name.split(":")[1].startswith("heldout-")]
+    if held:
+        w, n, act = clean_tally(held)
+        print(f"held-out clean runs (architectures and settings no default was fitted on): {len(held)} ({n} steps), "
+              f"{w} warning(s), {act} corrective action(s)")  # fmt: skip
     risks = [a.risk for a in clean_arms if a.risk is not None]
     print(f"clean runs: {len(clean_arms)} ({steps} steps), {warnings} warning(s), {actions} corrective action(s), "
           f"final risk at most {max(risks, default=0.0):.2f}; wall {wall:.0f} s")  # fmt: skip

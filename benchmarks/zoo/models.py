@@ -1,4 +1,4 @@
-"""The zoo's models: the tiny GPT of examples/tiny_gpt.py, and two written by nobody here.
+"""The zoo's models: the tiny GPT of examples/tiny_gpt.py, and others written by nobody here.
 
 * ``gpt``: examples/tiny_gpt.GPT (GPT-2 names: ``c_attn``, ``c_proj``, ``c_fc``, ``ln_1``), with
   its QK-norm and soft-cap options;
@@ -6,7 +6,10 @@
   RoPE, separate ``q_proj``/``k_proj``/``v_proj``), and ``qwen3``, the same with QK-norm
   (``q_norm``/``k_norm``), its stable twin;
 * ``plain``: a byte-level GPT in another naming style (``qkv``, ``proj``, ``fc1``, ``fc2``,
-  ``ln1``, ``ln2``, ``tok``/``pos``/``out``), which no name preset knows.
+  ``ln1``, ``ln2``, ``tok``/``pos``/``out``), which no name preset knows;
+* the held-out architectures of ``HF`` (GPT-NeoX, Mistral with one KV head, Phi, Gemma and GPT-2
+  with tied embeddings, OPT), trained only in the held-out clean runs: no default was fitted on
+  them, so their false alarms say how the defaults carry over to models the zoo did not tune for.
 
 ``forward(model, x, y)`` returns (logits, loss) for all of them.
 """
@@ -25,7 +28,7 @@ from examples.tiny_gpt import GPT, GPTConfig
 
 @dataclass(frozen=True)
 class ModelSpec:
-    kind: str = "gpt"  # gpt | llama | qwen3 | plain
+    kind: str = "gpt"  # gpt | plain | a Hugging Face kind of HF
     n_layer: int = 2
     n_head: int = 2
     n_embd: int = 64
@@ -75,18 +78,35 @@ class Plain(nn.Module):
         return self.out(self.norm(x))
 
 
+#: kind -> (config class, model class, extra config) of the Hugging Face models built in code (no download)
+HF = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": None}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 1}),
+    "neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"num_key_value_heads": 1, "head_dim": None, "tie_word_embeddings": True}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": None, "n_layer": None, "n_head": None, "n_positions": None,
+                                                "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0}),
+    "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": None, "word_embed_proj_dim": None, "pad_token_id": 1}),
+}  # fmt: skip
+
+
 def _hf(spec: ModelSpec) -> nn.Module:
     import transformers
 
-    common = dict(
-        vocab_size=256, hidden_size=spec.n_embd, intermediate_size=int(8 * spec.n_embd / 3 / 8 + 1) * 8,
-        num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head, num_key_value_heads=spec.n_head,
-        max_position_embeddings=spec.block_size, tie_word_embeddings=False, attn_implementation="sdpa",
+    config, model, extra = HF[spec.kind]
+    ffn = int(8 * spec.n_embd / 3 / 8 + 1) * 8
+    derived = {"head_dim": spec.n_embd // spec.n_head, "n_embd": spec.n_embd, "n_layer": spec.n_layer,
+               "n_head": spec.n_head, "n_positions": spec.block_size, "ffn_dim": 4 * spec.n_embd,
+               "word_embed_proj_dim": spec.n_embd}  # fmt: skip
+    kw = dict(
+        vocab_size=256, hidden_size=spec.n_embd, intermediate_size=ffn, num_hidden_layers=spec.n_layer,
+        num_attention_heads=spec.n_head, num_key_value_heads=spec.n_head, max_position_embeddings=spec.block_size,
+        tie_word_embeddings=False, attn_implementation="sdpa",
     )  # fmt: skip
-    if spec.kind == "qwen3":
-        cfg = transformers.Qwen3Config(head_dim=spec.n_embd // spec.n_head, **common)
-        return transformers.Qwen3ForCausalLM(cfg)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    kw.update({k: derived[k] if v is None else v for k, v in extra.items()})
+    return getattr(transformers, model)(getattr(transformers, config)(**kw))
 
 
 def build(spec: ModelSpec) -> nn.Module:

@@ -108,4 +108,22 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("clean-plain", "clean", False, model=ModelSpec(kind="plain")),
     Scenario("clean-llama", "clean", False, model=ModelSpec(kind="llama")),
 )
+# held out: healthy runs of architectures and settings no default was calibrated on (``--only heldout``)
+HELDOUT: tuple[Scenario, ...] = (
+    Scenario("heldout-neox", "clean", False, model=ModelSpec(kind="neox"), lr=1e-3, schedule="cosine", warmup=30),
+    Scenario("heldout-mistral", "clean", False, model=ModelSpec(kind="mistral"), batch=8),
+    Scenario("heldout-phi", "clean", False, model=ModelSpec(kind="phi"), lr=2e-3, schedule="cosine", clip=None),
+    Scenario("heldout-gemma", "clean", False, model=ModelSpec(kind="gemma"), lr=1e-3, clip=0.5),
+    Scenario("heldout-gpt2", "clean", False, model=ModelSpec(kind="gpt2"), lr=6e-4, warmup=100, schedule="cosine",
+             weight_decay=0.0),
+    Scenario("heldout-opt", "clean", False, model=ModelSpec(kind="opt"), schedule="cosine", steps=400),
+    Scenario("heldout-gpt-wide", "clean", False, model=ModelSpec(n_layer=4, n_embd=128, n_head=4), lr=1e-3,
+             schedule="cosine", batch=8, steps=300),
+    # and mechanisms of the zoo on models they were not calibrated on
+    Scenario("heldout-attn-plain", "attn_logit", True, model=ModelSpec(kind="plain"), lr=0.3, warmup=200, clip=None,
+             twin_overrides=QK),
+    Scenario("heldout-lr-jump-mistral", "lr_fault", True, model=ModelSpec(kind="mistral"), lr_jump=(150, 10.0)),
+    Scenario("heldout-eps-stall-neox", "adam_eps", True, model=ModelSpec(kind="neox"), loss_scale=(3e-5, 40.0),
+             twin_overrides={"sentinel": {"optim": {"eps": {"enabled": True, "every": 1}}}}),
+)  # fmt: skip
 QUICK = ("attn", "lr-jump", "bad-random", "clean-cosine")
