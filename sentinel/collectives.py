@@ -121,16 +121,26 @@ def _root_dims(p: Any, root: Any) -> set[int]:
     """The dimensions of ``root`` that DTensor ``p`` is sharded on."""
     mesh = p.device_mesh
     if mesh is root:
-        return {d for d, x in enumerate(p.placements) if x.is_shard()}
-    return {root.mesh_dim_names.index(mesh.mesh_dim_names[d]) for d, x in enumerate(p.placements) if x.is_shard()}
+        return {d for d, x in enumerate(p.placements) if _splits(x)}
+    return {root.mesh_dim_names.index(mesh.mesh_dim_names[d]) for d, x in enumerate(p.placements) if _splits(x)}
+
+
+def _splits(placement: Any) -> bool:
+    """Whether a placement divides the tensor's elements between the ranks of its mesh dimension.
+
+    ``Shard`` and also ``_StridedShard`` (FSDP2 over a tensor-parallel dimension 0), for which
+    ``is_shard()`` is False in torch 2.13: neither replicated nor partial.
+    """
+    return not (placement.is_replicate() or placement.is_partial())
 
 
 class ShardSum:
     """Adds per-tensor partial sums across the shards of DTensor parameters, in place.
 
     One ``all_reduce`` per mesh dimension the parameters are sharded on: one for FSDP2 and
-    HSDP (sharded on one dimension, replicated on the other), two for FSDP2 with tensor
-    parallelism.  A parameter replicated on a reduced dimension (or a plain tensor next to
+    HSDP (sharded on one dimension, replicated on the other); FSDP2 with tensor parallelism,
+    sharded on every dimension of a mesh of all ranks, is summed by one all-reduce on the
+    default group.  A parameter replicated on a reduced dimension (or a plain tensor next to
     sharded ones) contributes from the ranks at coordinate 0 of that dimension only, so it is
     counted once.  Rows of the summed tensor are the parameters, in order.
     """
@@ -138,6 +148,8 @@ class ShardSum:
     def __init__(self, mesh: Any, dims: list[int], keep: list[bool]):
         self.mesh, self.dims = mesh, dims
         self.groups = [mesh.get_group(d) for d in dims]
+        if len(dims) > 1 and len(dims) == mesh.ndim and mesh.size() == world_size():
+            self.groups = [None]  # summed over every dimension of a mesh of all ranks: one all-reduce, on the world
         self.keep = None if all(keep) else torch.tensor(keep, dtype=torch.float64)
         self._failed: Tensor | None = None  # ranks that failed, from the last reduction (host memory)
         self._done: Any = None  # CUDA event: that reduction's result has reached ``_failed``
