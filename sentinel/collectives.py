@@ -120,7 +120,7 @@ def _common_root(meshes: set) -> Any:
 def _root_dims(p: Any, root: Any) -> set[int]:
     """The dimensions of ``root`` that DTensor ``p`` is sharded on."""
     mesh = p.device_mesh
-    if mesh is root:
+    if mesh == root:  # an equal mesh (fully_shard makes one per call) counts as the same
         return {d for d, x in enumerate(p.placements) if _splits(x)}
     return {root.mesh_dim_names.index(mesh.mesh_dim_names[d]) for d, x in enumerate(p.placements) if _splits(x)}
 
