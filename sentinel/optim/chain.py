@@ -52,7 +52,10 @@ class Chain:
         gradients), so that no rank acts on sums the others do not have.
         """
         if self._shards is False:
-            self._shards = sharded.shard_sum(ctx.params)  # build() refused what would raise here
+            try:
+                self._shards = sharded.shard_sum(ctx.params)
+            except ValueError:  # no exact reduction: build() turned off every transform that needs one
+                self._shards = None
         if self._shards is None:
             return
         ctx.sums = sharded.collect(self.transforms, PRE_ORDER, ctx, self._shards)
