@@ -240,14 +240,15 @@ def test_fsdp2_each_transform_and_all_four_equal_unsharded(fsdp: tuple[list[dict
 def test_fsdp2_transforms_add_at_most_one_collective_to_the_statistics_one(fsdp: tuple[list[dict], str]) -> None:
     for r in fsdp[0]:
         runs = r["runs"]
-        for name in ("guard", "wesar", "fused"):
+        for name in ("guard", "wesar", "wesar_init"):
             assert runs[name]["collectives"] == [1] * STEPS, name  # the transforms' one packed all-reduce
         # ε alone: only on the steps that read Adam's state (every 3 steps; the first two: first gradient, first state)
         assert runs["eps"]["collectives"] == [int(s < 2 or s % 3 == 0) for s in range(STEPS)]
         # the clamp bounds every matrix tightly here, so it also reduces ‖ΔW‖ after every step; with statistics
         # on (every 2 steps) it takes ‖ΔW‖ from their all-reduce: still 2, where it would otherwise be 3
         assert runs["clamp"]["collectives"] == [2] * STEPS
-        assert runs["all"]["collectives"] == [2] * STEPS
+        assert runs["all"]["collectives"] == runs["fused"]["collectives"] == [2] * STEPS
+        assert runs["none"]["collectives"] == [0] * STEPS
 
 
 def test_fsdp2_dcp_checkpoint_restores_parameters_adam_and_transform_state(fsdp: tuple[list[dict], str]) -> None:
