@@ -116,7 +116,7 @@ class Clamp(Transform):
         """The whole matrices' ‖W‖, read every step (a version counter is no proof the same on every rank)."""
         alpha = self.alpha_of() if self.alpha_of is not None else {}
         summed = ctx.sums["clamp.w"]
-        self._before_norm = {i: summed[i].sqrt() / float(alpha.get(i, 1.0)) for i in active}
+        self._before_norm = {i: summed[i].sqrt() / alpha[i] if i in alpha else summed[i].sqrt() for i in active}
         self._units = self.units_of() if self.units_of is not None else {}
         if not self.adam:
             self._before = {i: local(self.params[i]).detach().clone() for i in active}
