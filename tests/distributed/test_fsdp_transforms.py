@@ -45,7 +45,10 @@ CONFIGS = {
     "all": ({**GUARD_CLIP, **WESAR, **EPS, **CLAMP}, {"stats": {"enabled": True, "every": 2}}, 1e-2),
     "fused": ({**GUARD_CLIP, **WESAR, **EPS, **CLAMP, "fused": "auto"}, {}, 1e-2),
 }
-LAYOUT_CONFIGS = {"fsdp": list(CONFIGS), "tp": ["all", "fused"], "2d": ["all"]}
+ALONE = ["none", "guard", "wesar", "wesar_init", "eps"]
+TOGETHER = ["clamp", "all", "fused"]
+# two FSDP2 layouts of the same sharding, so that each test's ranks run for well under a minute
+LAYOUT_CONFIGS = {"fsdp": ALONE, "fsdp-all": TOGETHER, "tp": ["all", "fused"], "2d": ["all"]}
 
 
 def _worker(rank: int, port: int, out_dir: str, layout: str) -> None:
@@ -67,8 +70,9 @@ def _worker(rank: int, port: int, out_dir: str, layout: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=15, vocab_size=64)  # wpe: 15 rows, 8 + 7
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")) if layout == "2d" else None
-    dp_rank = {"fsdp": rank, "tp": 0, "2d": mesh.get_local_rank("dp") if mesh is not None else 0}[layout]
-    n_dp = {"fsdp": 2, "tp": 1, "2d": 2}[layout]
+    fsdp = layout.startswith("fsdp")
+    dp_rank = rank if fsdp else mesh.get_local_rank("dp") if mesh is not None else 0
+    n_dp = 1 if layout == "tp" else 2
 
     def sharded() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -77,7 +81,7 @@ def _worker(rank: int, port: int, out_dir: str, layout: str) -> None:
             tp = mesh["tp"] if mesh is not None else init_device_mesh("cpu", (2,))
             for block in model.h:
                 parallelize_module(block.mlp, tp, {"c_fc": ColwiseParallel(), "c_proj": RowwiseParallel()})
-        if layout in ("fsdp", "2d"):
+        if fsdp or layout == "2d":
             dp = mesh["dp"] if mesh is not None else None
             for block in model.h:
                 fully_shard(block, mesh=dp)
@@ -105,7 +109,7 @@ def _worker(rank: int, port: int, out_dir: str, layout: str) -> None:
                 model = GPT(cfg).double()
             opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, eps=1e-3)
             conf = {**common, **extra, "optim": optim}
-            if kind == "sharded" and name == "all" and layout == "fsdp":
+            if kind == "sharded" and name == "all" and fsdp:
                 conf["checkpoint"] = {"dir": str(Path(out_dir) / "ckpt")}
             torch.manual_seed(5)  # WeSaR's 'wesar' init draws from the global generator
             runs[kind] = (model, opt, sentinel.attach(model, opt, run=f"{name}-{kind}", **conf))
@@ -195,6 +199,11 @@ def fsdp(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], str]:
 
 
 @pytest.fixture(scope="module")
+def fsdp_all(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], str]:
+    return _run(tmp_path_factory, "fsdp-all", 2)
+
+
+@pytest.fixture(scope="module")
 def tp(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], str]:
     return _run(tmp_path_factory, "tp", 2)
 
@@ -223,36 +232,46 @@ def _check_equal(reports: list[dict], names: list[str]) -> None:
         assert all(r["runs"][name]["state"] == reports[0]["runs"][name]["state"] for r in reports), name
 
 
-def test_fsdp2_each_transform_and_all_four_equal_unsharded(fsdp: tuple[list[dict], str]) -> None:
+def test_fsdp2_each_transform_alone_equals_unsharded(fsdp: tuple[list[dict], str]) -> None:
     reports, _ = fsdp
     r0 = reports[0]["runs"]
-    assert r0["all"]["placements"] == ["(Shard(dim=0),)"] and r0["all"]["plain"] == 0
-    _check_equal(reports, list(CONFIGS))
+    assert r0["guard"]["placements"] == ["(Shard(dim=0),)"] and r0["guard"]["plain"] == 0
+    _check_equal(reports, ALONE)
     # each configuration acted, so equality is not that of two runs where nothing happened
     assert r0["guard"]["state"]["single"]["skips"] == 1  # the spike at SPIKE
-    assert r0["all"]["state"]["single"]["clips"] > 0 and r0["fused"]["state"]["single"]["clips"] > 0
-    assert r0["clamp"]["state"]["single"]["clamp_events"] > 0 and r0["all"]["state"]["single"]["clamp_events"] > 0
     assert max(r0["eps"]["state"]["single"]["eps_scale"]) > 1
     assert len(set(r0["wesar"]["state"]["single"]["gates"])) > 1
+
+
+def test_fsdp2_clamp_all_four_and_the_fused_step_equal_unsharded(fsdp_all: tuple[list[dict], str]) -> None:
+    reports, _ = fsdp_all
+    r0 = reports[0]["runs"]
+    _check_equal(reports, TOGETHER)
+    assert r0["all"]["state"]["single"]["clips"] > 0 and r0["fused"]["state"]["single"]["clips"] > 0
+    assert r0["clamp"]["state"]["single"]["clamp_events"] > 0 and r0["all"]["state"]["single"]["clamp_events"] > 0
     assert r0["fused"]["fused"] == {"sharded": True, "single": True}
 
 
-def test_fsdp2_transforms_add_at_most_one_collective_to_the_statistics_one(fsdp: tuple[list[dict], str]) -> None:
+def test_fsdp2_transforms_add_at_most_one_collective_to_the_statistics_one(
+    fsdp: tuple[list[dict], str], fsdp_all: tuple[list[dict], str]
+) -> None:
     for r in fsdp[0]:
         runs = r["runs"]
         for name in ("guard", "wesar", "wesar_init"):
             assert runs[name]["collectives"] == [1] * STEPS, name  # the transforms' one packed all-reduce
         # ε alone: only on the steps that read Adam's state (every 3 steps; the first two: first gradient, first state)
         assert runs["eps"]["collectives"] == [int(s < 2 or s % 3 == 0) for s in range(STEPS)]
+        assert runs["none"]["collectives"] == [0] * STEPS
+    for r in fsdp_all[0]:
+        runs = r["runs"]
         # the clamp bounds every matrix tightly here, so it also reduces ‖ΔW‖ after every step; with statistics
         # on (every 2 steps) it takes ‖ΔW‖ from their all-reduce: still 2, where it would otherwise be 3
         assert runs["clamp"]["collectives"] == [2] * STEPS
         assert runs["all"]["collectives"] == runs["fused"]["collectives"] == [2] * STEPS
-        assert runs["none"]["collectives"] == [0] * STEPS
 
 
-def test_fsdp2_dcp_checkpoint_restores_parameters_adam_and_transform_state(fsdp: tuple[list[dict], str]) -> None:
-    ck = [r["runs"]["all"]["checkpoint"] for r in fsdp[0]]
+def test_fsdp2_dcp_checkpoint_restores_parameters_adam_and_transform_state(fsdp_all: tuple[list[dict], str]) -> None:
+    ck = [r["runs"]["all"]["checkpoint"] for r in fsdp_all[0]]
     for c in ck:
         assert c["step"] == STEPS
         assert c["restored"] == c["saved"] != c["moved"]
