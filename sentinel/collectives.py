@@ -103,12 +103,44 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
+def _common_root(meshes: set) -> Any:
+    """The one mesh all of ``meshes`` are (named sub-meshes of), or None."""
+    if len(meshes) == 1:
+        return next(iter(meshes))
+    roots = {m._get_root_mesh() for m in meshes}
+    if len(roots) != 1:
+        return None
+    root = roots.pop()
+    names = root.mesh_dim_names or ()
+    if not all(m.mesh_dim_names and set(m.mesh_dim_names) <= set(names) for m in meshes):
+        return None  # a flattened or unnamed sub-mesh: its dimensions do not map onto the root's
+    return root
+
+
+def _root_dims(p: Any, root: Any) -> set[int]:
+    """The dimensions of ``root`` that DTensor ``p`` is sharded on."""
+    mesh = p.device_mesh
+    if mesh == root:  # an equal mesh (fully_shard makes one per call) counts as the same
+        return {d for d, x in enumerate(p.placements) if _splits(x)}
+    return {root.mesh_dim_names.index(mesh.mesh_dim_names[d]) for d, x in enumerate(p.placements) if _splits(x)}
+
+
+def _splits(placement: Any) -> bool:
+    """Whether a placement divides the tensor's elements between the ranks of its mesh dimension.
+
+    ``Shard`` and also ``_StridedShard`` (FSDP2 over a tensor-parallel dimension 0), for which
+    ``is_shard()`` is False in torch 2.13: neither replicated nor partial.
+    """
+    return not (placement.is_replicate() or placement.is_partial())
+
+
 class ShardSum:
     """Adds per-tensor partial sums across the shards of DTensor parameters, in place.
 
     One ``all_reduce`` per mesh dimension the parameters are sharded on: one for FSDP2 and
-    HSDP (sharded on one dimension, replicated on the other), two for FSDP2 with tensor
-    parallelism.  A parameter replicated on a reduced dimension (or a plain tensor next to
+    HSDP (sharded on one dimension, replicated on the other); FSDP2 with tensor parallelism,
+    sharded on every dimension of a mesh of all ranks, is summed by one all-reduce on the
+    default group.  A parameter replicated on a reduced dimension (or a plain tensor next to
     sharded ones) contributes from the ranks at coordinate 0 of that dimension only, so it is
     counted once.  Rows of the summed tensor are the parameters, in order.
     """
@@ -116,21 +148,33 @@ class ShardSum:
     def __init__(self, mesh: Any, dims: list[int], keep: list[bool]):
         self.mesh, self.dims = mesh, dims
         self.groups = [mesh.get_group(d) for d in dims]
+        if len(dims) > 1 and len(dims) == mesh.ndim and mesh.size() == world_size():
+            self.groups = [None]  # summed over every dimension of a mesh of all ranks: one all-reduce, on the world
         self.keep = None if all(keep) else torch.tensor(keep, dtype=torch.float64)
         self._failed: Tensor | None = None  # ranks that failed, from the last reduction (host memory)
         self._done: Any = None  # CUDA event: that reduction's result has reached ``_failed``
 
     @classmethod
     def for_params(cls, params: Sequence[Tensor]) -> ShardSum | None:
-        """The reduction ``params`` need, or ``None`` where no parameter is sharded (single process, DDP)."""
+        """The reduction ``params`` need, or ``None`` where no parameter is sharded (single process, DDP).
+
+        Parameters may live on sub-meshes of one named root mesh (FSDP2 on ``mesh["dp"]`` next to
+        tensor-parallel ones on the 2-D ``("dp", "tp")`` mesh): each placement is then read on the
+        root mesh's dimension of the same name, and a dimension a parameter's mesh lacks is one it
+        is replicated on.
+        """
         if DTensor is None or not active():
             return None
         dtensors = [p for p in params if isinstance(p, DTensor)]
         meshes = {p.device_mesh for p in dtensors}
-        if len(meshes) > 1:
+        if not meshes:
+            return None
+        root = _common_root(meshes)
+        if root is None:
             raise ValueError(
                 f"statistics over parameters on {len(meshes)} different device meshes are not supported; "
-                "attach sentinel to the parameters of one mesh or set stats.enabled: false"
+                "attach sentinel to the parameters of one mesh (or of sub-meshes of one named mesh) "
+                "or set stats.enabled: false"
             )
         partial = [
             i for i, p in enumerate(params) if isinstance(p, DTensor) and any(x.is_partial() for x in p.placements)
@@ -139,17 +183,15 @@ class ShardSum:
             raise ValueError(
                 f"parameters with Partial placements (index {partial[:5]}) have no well-defined shard sums"
             )
-        dims = sorted({d for p in dtensors for d, x in enumerate(p.placements) if x.is_shard()})
+        sharded_on = [_root_dims(p, root) if isinstance(p, DTensor) else set() for p in params]
+        dims = sorted(set().union(*sharded_on))
         if not dims:
             return None
-        mesh = meshes.pop()
-        coord = mesh.get_coordinate()
+        coord = root.get_coordinate()
         if coord is None:
             raise ValueError("this rank holds parameters of a device mesh it is not part of")
-        keep = [
-            all((isinstance(p, DTensor) and p.placements[d].is_shard()) or coord[d] == 0 for d in dims) for p in params
-        ]
-        return cls(mesh, dims, keep)
+        keep = [all(d in on or coord[d] == 0 for d in dims) for on in sharded_on]
+        return cls(root, dims, keep)
 
     def __call__(self, sums: Tensor, failed: bool = False) -> Tensor:
         """``sums`` (parameters x columns, float64) summed over the shards: the statistics' one collective.

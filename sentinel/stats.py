@@ -256,3 +256,5 @@ class StatsTap(Transform):
     def after_step(self, ctx: StepContext) -> None:
         if self.due():
             self.pending = self.stats.after_step(ctx.grad_scale)
+            if self.stats.shards is not None and "update_l2" in self.stats.stats:  # the clamp reuses it (sharded)
+                ctx.update_l2 = self.pending[0][:, self.stats.stats.index("update_l2")]

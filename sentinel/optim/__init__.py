@@ -11,6 +11,7 @@ requested skips (``sn.skip_updates``, the agent's skip_update command).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from sentinel.config import Config
+from sentinel.optim import sharded
 from sentinel.optim.base import StepContext, Transform, optimizer_params
 from sentinel.optim.chain import Chain
 from sentinel.optim.clamp import Clamp
@@ -57,6 +59,7 @@ def build(
     ``role_map``: the model's :class:`sentinel.roles.RoleMap` when the caller has one (else made here).
     """
     cfg = config.optim
+    cfg = _refuse_unsharded_sums(cfg, params)
     g = cfg.guard
     transforms: dict[str, Transform] = {
         "guard": Guard(action=g.action, z=g.z, alpha=g.alpha, warmup=g.warmup, detect=g.enabled)
@@ -108,7 +111,33 @@ def build(
             default=c.default,
             chunk_elements=config.stats.chunk_elements,
         )
+    if "wesar" in transforms and "clamp" in transforms:
+        transforms["clamp"].alpha_of = transforms["wesar"].alpha_by_index  # sharded: ‖W̄‖ summed, ‖W‖ = ‖W̄‖/α
     return transforms
+
+
+def _refuse_unsharded_sums(cfg: Any, params: list[Tensor]) -> Any:
+    """Turn off, with one WARNING and the fix, the transforms whose sums cannot be whole-tensor sums here.
+
+    Sharded (DTensor) parameters need one reduction over all of them (sentinel/optim/sharded.py);
+    parameters on several device meshes or with Partial placements have none, and a transform
+    acting on shard-local norms would be silently wrong (each rank its own decision).
+    """
+    on = [k for k in ("guard", "wesar", "eps", "clamp") if getattr(cfg, k).enabled]
+    if not on:
+        return cfg
+    reason = sharded.refusal(params)
+    if reason is None:
+        return cfg
+    log.warning(
+        "sentinel: %s turned OFF: under sharding they need whole-tensor sums over every parameter, which cannot be "
+        "formed here (%s); fix: shard every parameter on one device mesh without Partial placements "
+        "(fully_shard and parallelize_module over one mesh), or attach sentinel to one mesh's parameters",
+        ", ".join("optim." + k for k in on),
+        reason,
+    )
+    off = {k: dataclasses.replace(getattr(cfg, k), enabled=False) for k in on}
+    return dataclasses.replace(cfg, **off)
 
 
 def fused_step(

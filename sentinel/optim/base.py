@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sentinel.collectives import local
+
 
 @dataclass
 class StepContext:
@@ -30,6 +32,9 @@ class StepContext:
     grad_factor: dict[int, Any] | None = None  # pending gradient multipliers, by tensor; None: apply at once
     applied: dict[int, Any] = field(default_factory=dict)  # multipliers applied so far this step, by tensor
     pre_clip: Any = None  # sentinel.gradnorms.PreClip: the gradient norms before the user's clipping
+    sums: Any = None  # sharded parameters: the whole tensors' sums of this step (sentinel/optim/sharded.py)
+    guard_scale: float = 1.0  # what the guard's clip multiplied every gradient by (after ``sums`` were taken)
+    update_l2: Any = None  # sharded: ‖ΔW‖ per tensor, whole tensors, when the statistics measured it this step
 
 
 class Transform:
@@ -42,6 +47,14 @@ class Transform:
 
     def after_step(self, ctx: StepContext) -> None:
         pass
+
+    def sum_keys(self, ctx: StepContext) -> tuple[str, ...]:
+        """Sharded parameters: the whole-tensor sums this step needs (the same on every rank)."""
+        return ()
+
+    def shard_sums(self, ctx: StepContext) -> dict[str, dict[int, Tensor]]:
+        """This rank's partial sums for ``sum_keys``, per key and tensor index (sentinel/optim/sharded.py)."""
+        return {}
 
     def columns(self) -> dict[str, Tensor]:
         """Per-tensor statistics aligned with ``ctx.params`` (published on statistics steps)."""
@@ -94,7 +107,7 @@ def apply_grad_factors(params: list[Tensor], factors: dict[int, Any]) -> None:
     for kind in (float, Tensor):
         idx = [i for i, f in factors.items() if isinstance(f, kind) and params[i].grad is not None]
         if idx:
-            torch._foreach_mul_([params[i].grad for i in idx], [factors[i] for i in idx])
+            torch._foreach_mul_([local(params[i].grad) for i in idx], [factors[i] for i in idx])
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int]]:

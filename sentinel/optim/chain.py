@@ -17,6 +17,8 @@ Gradient multipliers (WeSaR's α, ε's scale) are collected and applied in one p
 the statistics when they are on (base.scale_grads).
 Statistics therefore describe the actual parameters WeSaR trains and the update the
 optimizer proposed; the clamp's per-tensor factor says how much of it was applied.
+Sharded parameters (DTensor): before step 1 the transforms' whole-tensor sums are packed and
+all-reduced once (sentinel/optim/sharded.py), so every rank takes the same decisions.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sentinel.optim import sharded
 from sentinel.optim.base import StepContext, Transform, apply_grad_factors
 
 log = logging.getLogger("sentinel")
@@ -40,6 +43,33 @@ class Chain:
         self.transforms = transforms
         self.fused = fused  # sentinel.optim.fused.FusedStep: the update is made here (fused.py)
         self.errors = 0
+        self._shards: Any = False  # ShardSum of the parameters (None: whole tensors), found at the first step
+
+    def _sums(self, ctx: StepContext) -> None:
+        """Sharded parameters: the transforms' whole-tensor sums for this step, in one all-reduce.
+
+        If any rank failed to compute its part, every rank skips this update (the guard drops the
+        gradients), so that no rank acts on sums the others do not have.
+        """
+        if self._shards is False:
+            try:
+                self._shards = sharded.shard_sum(ctx.params)
+            except ValueError:  # no exact reduction: build() turned off every transform that needs one
+                self._shards = None
+        if self._shards is None:
+            return
+        ctx.sums = sharded.collect(self.transforms, PRE_ORDER, ctx, self._shards)
+        if ctx.sums is not None and ctx.sums.failed:
+            self.errors += 1
+            guard = self.transforms.get("guard")
+            reason = {"reason": f"shard sums failed on {ctx.sums.failed} rank(s)"}
+            if guard is not None:
+                guard._skip(ctx, reason)
+            else:
+                for p in ctx.params:
+                    p.grad = None
+                ctx.skip = True
+                log.error("sentinel: update skipped at step %d: %s", ctx.step, reason)
 
     def _call(self, name: str, method: str, ctx: StepContext) -> None:
         """One transform's hook; a failure is logged and never reaches the training loop.
@@ -72,6 +102,9 @@ class Chain:
             self._fused_before(ctx)
             return
         try:
+            self._sums(ctx)
+            if ctx.skip:
+                return
             for name in PRE_ORDER:
                 if name == "stats" and name in self.transforms:
                     self._flush(ctx)
@@ -89,6 +122,9 @@ class Chain:
         optimizer's own step would update the finished ones twice) and the hook path takes over.
         """
         try:
+            self._sums(ctx)
+            if ctx.skip:
+                return
             for name in PRE_ORDER:
                 self._call(name, "before_step", ctx)
                 if ctx.skip:

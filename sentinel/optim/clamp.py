@@ -21,19 +21,27 @@ and while the bound check holds at that lower bound (it then holds at the true n
 The exact norm is read again when the lower bound has decayed too far (for a matrix far from
 its maximum, every few dozen steps), after any in-place write to the parameter, after
 ``sn.load_state_dict`` and after a rebuilt update.
+
+Sharded parameters (FSDP2, tensor parallel): ‖W‖ is read every step, as a shard sum in the
+transforms' one all-reduce before the step; ‖ΔW‖ comes from the statistics' all-reduce on
+their steps, else from one all-reduce of the clamp's own, only when a matrix may exceed its
+maximum (sentinel/optim/sharded.py).  Every rank scales its shard of ΔW by the same factor.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from sentinel.adam import adam_chunks, is_adam
+from sentinel.collectives import local
 from sentinel.optim.base import StepContext, Transform
+from sentinel.optim.sharded import shard_sum, sq_norms
 
 log = logging.getLogger("sentinel")
 
@@ -78,11 +86,23 @@ class Clamp(Transform):
         self.units_of: Any = None  # fused step: callable giving {index: α}, the module holding α·W
         self.units_after_of: Any = None  # the same after the update (α' once the gates have stepped)
         self._units: dict[int, Any] = {}
+        self.alpha_of: Any = None  # WeSaR on: callable giving {index: α} in force (the module held α·W at the sums)
+        self.shards = shard_sum(params)  # sharded parameters: ‖W‖ and ‖ΔW‖ summed over the shards (sharded.py)
+
+    def sum_keys(self, ctx: StepContext) -> tuple[str, ...]:
+        return ("clamp.w",) if self.shards is not None else ()
+
+    def shard_sums(self, ctx: StepContext) -> dict[str, dict[int, Tensor]]:
+        """‖W‖² of every bounded matrix with a gradient, over this rank's shard (as the module holds it)."""
+        active = [i for i in self.index if self.params[i].grad is not None]
+        return {"clamp.w": dict(zip(active, sq_norms([self.params[i].detach() for i in active])))}
 
     @torch.no_grad()
     def before_step(self, ctx: StepContext) -> None:
         active = [i for i in self.index if self.params[i].grad is not None]
         self._active = active
+        if self.shards is not None:
+            return self._before_sharded(ctx, active)
         need = [i for i in active if not self._proven(i)] if self.adam else active
         norms = torch._foreach_norm([self.params[i] for i in need]) if need else []
         self._units = self.units_of() if self.units_of is not None else {}
@@ -91,6 +111,15 @@ class Clamp(Transform):
         self._before_norm = dict(zip(need, norms))
         if not self.adam:
             self._before = {i: self.params[i].detach().clone() for i in active}
+
+    def _before_sharded(self, ctx: StepContext, active: list[int]) -> None:
+        """The whole matrices' ‖W‖, read every step (a version counter is no proof the same on every rank)."""
+        alpha = self.alpha_of() if self.alpha_of is not None else {}
+        summed = ctx.sums["clamp.w"]
+        self._before_norm = {i: summed[i].sqrt() / alpha[i] if i in alpha else summed[i].sqrt() for i in active}
+        self._units = self.units_of() if self.units_of is not None else {}
+        if not self.adam:
+            self._before = {i: local(self.params[i]).detach().clone() for i in active}
 
     def _terms(self, i: int) -> tuple[float, float, float | None]:
         """(lr, decoupled wd, B) of matrix i's group; B is None where Adam's step has no such bound."""
@@ -158,6 +187,8 @@ class Clamp(Transform):
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
         self.factor.fill_(1.0)
+        if self.shards is not None:
+            return self._after_sharded(ctx)
         active = self._may_exceed(list(self._before_norm))
         if self.units_after_of is not None:
             self._units = self.units_after_of()
@@ -171,6 +202,58 @@ class Clamp(Transform):
             before, self._before = self._before, {}
             neg = [before[i] - self.params[i] for i in active]
             self._apply(ctx, active, neg, before)
+
+    def _neg_updates(self, index: list[int]) -> Iterator[tuple[list[int], list[Tensor]]]:
+        """-ΔW of this rank's shards of matrices ``index``, in chunks (rebuilt from Adam's state, or the copy)."""
+        if self.adam:
+            for c in adam_chunks(self.optimizer, self.params, self.group_of, index, self.chunk_elements):
+                if self._units:  # the module holds α·W: rebuild ΔW of W
+                    c.params = [p / self._units[i] if i in self._units else p for i, p in zip(c.index, c.params)]
+                yield c.index, c.neg_update(c.sqrt_v())
+        elif index:
+            yield index, [self._before[i] - local(self.params[i]) for i in index]
+
+    def _after_sharded(self, ctx: StepContext) -> None:
+        """The clamp on whole matrices: their ‖ΔW‖ from the statistics when they measured it, else one all-reduce.
+
+        Which matrices may exceed follows from the reduced ‖W‖, so every rank reduces (or not) alike.
+        """
+        active = self._may_exceed(list(self._before_norm))
+        if self.units_after_of is not None:
+            self._units = self.units_after_of()
+        if not active:
+            self._before = {}
+            return
+        if ctx.update_l2 is not None:
+            norms = ctx.update_l2[active].double()
+        else:
+            part = torch.zeros(len(self.params), 1, dtype=torch.float64, device=self.factor.device)
+            for index, neg in self._neg_updates(active):
+                part[index, 0] = torch.stack(sq_norms(neg)).to(part)
+            norms = self.shards(part)[active, 0].sqrt()
+        w_norm = torch.stack([self._before_norm[i] for i in active]).to(norms)
+        limit = torch.tensor([self.limit[i] for i in active], dtype=norms.dtype, device=norms.device)
+        ratio = torch.where(w_norm > 0, norms / w_norm, torch.zeros_like(norms))
+        factor = torch.where(ratio > limit, limit / ratio, torch.ones_like(ratio))
+        self.factor[active] = factor.to(self.factor)
+        over = factor < 1
+        self.events += over.sum()
+        on_host = self.factor.device.type == "cpu"
+        pick = [active[k] for k in over.nonzero().flatten().tolist()] if on_host else active
+        c_of = dict(zip(active, factor.unbind()))
+        for index, neg in self._neg_updates(pick):
+            for i, d in zip(index, neg):
+                p, c = local(self.params[i]), c_of[i]
+                if not self.adam:  # W_before + c·ΔW, exact where the copy exists
+                    p.copy_(torch.lerp(self._before[i], p, c.to(p)))
+                else:
+                    p.add_(d * ((1 - c) * float(self._units.get(i, 1.0))).to(d))
+                if on_host:
+                    k = active.index(i)
+                    evidence = {"param": self.names[i], "ratio": float(ratio[k]), "max": self.limit[i]}
+                    ctx.events.append({"action": "clamp", "step": ctx.step, **evidence})
+                    log.info("sentinel clamp: step %d %s", ctx.step, evidence)
+        self._before = {}
 
     def _apply(
         self, ctx: StepContext, index: list[int], neg_update: list[Tensor], before: dict[int, Tensor] | None = None

@@ -18,6 +18,9 @@ the state is rescaled (m by r, v by r²) to the new units. Deciding whether anyt
 changed reads one small vector from the device every ``every`` steps; a host copy of the scales
 lets tensors whose s is 1 skip the multiply (the chain merges s with WeSaR's α).  Adam's state therefore holds
 scaled values; ``scale`` is in sentinel's state_dict so a resumed run continues exactly.
+Sharded parameters (FSDP2, tensor parallel): RMS(g) and RMS(√v̂) are the whole tensors', from
+the shard sums reduced before the step (sentinel/optim/sharded.py); the scales are one plain
+vector, the same on every rank, so ε is per logical tensor.
 Needs decoupled weight decay (AdamW, or Adam without weight decay): Adam's L2 term would
 be added to the scaled gradient.
 """
@@ -31,7 +34,17 @@ import torch
 from torch import Tensor
 
 from sentinel.adam import is_adam
+from sentinel.collectives import local
 from sentinel.optim.base import StepContext, Transform, scale_grads
+from sentinel.optim.sharded import sq_norms
+
+
+def _times(a: Any, b: Any) -> Any:
+    """The product of two optional gradient multipliers (None: 1)."""
+    if a is None:
+        return 1.0 if b is None else b
+    return a if b is None else a * b
+
 
 log = logging.getLogger("sentinel")
 
@@ -71,8 +84,8 @@ class EpsTune(Transform):
     def before_step(self, ctx: StepContext) -> None:
         if self._fresh:
             self._from_gradient(ctx)
-        if self.calls % self.every == 0 or not self.tuned:
-            self._retune()
+        if self._retune_due():
+            self._retune(ctx)
         self.calls += 1
         scales = list(self.scale.unbind())
         factors = self._host if self.scale.device.type == "cpu" else scales
@@ -96,11 +109,34 @@ class EpsTune(Transform):
         if not idx:
             return
         pending = ctx.grad_factor or {}
-        norms = torch.stack(torch._foreach_norm([self.params[i].grad for i in idx])).float()
+        if ctx.sums is not None:  # sharded: whole-tensor ‖g‖ as the step found it, times what was applied since
+            norms = ctx.sums["eps.grad"][idx].sqrt().float() * abs(ctx.guard_scale)
+            pending = {i: _times(ctx.applied.get(i), pending.get(i)) for i in idx}
+        else:
+            norms = torch.stack(torch._foreach_norm([self.params[i].grad for i in idx])).float()
         factor = torch.stack([torch.as_tensor(pending.get(i, 1.0), dtype=torch.float32) for i in idx])
         numel = torch.tensor([self.params[i].numel() for i in idx], dtype=torch.float32)
         rms = norms * factor.to(norms.device).abs() / numel.to(norms.device).sqrt()
         self._set(idx, rms, "first gradient")
+
+    def _retune_due(self) -> bool:
+        return self.calls % self.every == 0 or not self.tuned
+
+    def sum_keys(self, ctx: StepContext) -> tuple[str, ...]:
+        return ("eps.grad",) * bool(self._fresh) + ("eps.v",) * self._retune_due()
+
+    def shard_sums(self, ctx: StepContext) -> dict[str, dict[int, Tensor]]:
+        """‖g‖² of the tensors still without an ε, Σv of those with Adam state, over this rank's shards."""
+        out: dict[str, dict[int, Tensor]] = {}
+        state = self.optimizer.state
+        if self._fresh:
+            idx = [i for i in sorted(self._fresh) if self.params[i].grad is not None]
+            out["eps.grad"] = dict(zip(idx, sq_norms([self.params[i].grad for i in idx])))
+        if self._retune_due():
+            idx = [i for i, p in enumerate(self.params) if "exp_avg_sq" in state.get(p, {})]
+            v = [local(state[self.params[i]]["exp_avg_sq"]) for i in idx]
+            out["eps.v"] = dict(zip(idx, (x.double() for x in torch._foreach_norm(v, 1)))) if idx else {}
+        return out
 
     def _set(self, idx: list[int], rms: Tensor, source: str) -> Tensor | None:
         """New scales for tensors ``idx`` from RMS(√v̂) in true units; the ratio new/old, or None if unchanged."""
@@ -126,18 +162,21 @@ class EpsTune(Transform):
         )
         return new / old
 
-    def _retune(self) -> None:
+    def _retune(self, ctx: StepContext | None = None) -> None:
         state = self.optimizer.state
         idx = [i for i, p in enumerate(self.params) if "exp_avg_sq" in state.get(p, {})]
         if not idx:
             return
         groups = self.optimizer.param_groups
-        v = [state[self.params[i]]["exp_avg_sq"] for i in idx]
+        v = [local(state[self.params[i]]["exp_avg_sq"]) for i in idx]
         b2 = torch.stack(
             [1 - groups[self.group_of[i]]["betas"][1] ** state[self.params[i]]["step"].to(v[0].device) for i in idx]
         ).float()
         numel = torch.tensor([self.params[i].numel() for i in idx], device=v[0].device, dtype=torch.float32)
-        sums = torch.stack(torch._foreach_norm(v, 1)).float()
+        if ctx is not None and ctx.sums is not None:  # sharded: Σv of the whole tensors
+            sums = ctx.sums["eps.v"][idx].float()
+        else:
+            sums = torch.stack(torch._foreach_norm(v, 1)).float()
         self.tuned = True
         rms = (sums / (numel * b2)).sqrt() / self.scale[idx]  # RMS of √v̂ in true gradient units
         ratio = self._set(idx, rms, "Adam state")
@@ -146,11 +185,11 @@ class EpsTune(Transform):
         r = list(ratio.unbind())
         r2 = list(ratio.square().unbind())
         sts = [state[self.params[i]] for i in idx]
-        torch._foreach_mul_([s["exp_avg"] for s in sts], r)
-        torch._foreach_mul_([s["exp_avg_sq"] for s in sts], r2)
+        torch._foreach_mul_([local(s["exp_avg"]) for s in sts], r)
+        torch._foreach_mul_([local(s["exp_avg_sq"]) for s in sts], r2)
         ams = [k for k, s in enumerate(sts) if "max_exp_avg_sq" in s]
         if ams:
-            torch._foreach_mul_([sts[k]["max_exp_avg_sq"] for k in ams], [r2[k] for k in ams])
+            torch._foreach_mul_([local(sts[k]["max_exp_avg_sq"]) for k in ams], [r2[k] for k in ams])
 
     def columns(self) -> dict[str, Tensor]:
         return {"adam_eps": (self.user_eps / self.scale).float()}

@@ -15,6 +15,10 @@ The clamp reads ‖W‖ = ‖W̄‖/α and rebuilds ΔW from the same state.  Ev
 per-tensor scalar, so the update costs torch's fused Adam pass plus WeSaR's dot ⟨ḡ, W̄⟩ and
 the guard's gradient read.
 
+Sharded parameters (FSDP2, tensor parallel): the kernel runs on each rank's shards of the
+parameter, gradient and state; α, s and the clamp's factor are whole-tensor values, the same on
+every rank (sentinel/optim/sharded.py), so the shards end as the unsharded update would leave them.
+
 How the user's optimizer is kept: its ``param_groups`` (LR schedulers), its ``state`` layout
 (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``: a plain AdamW loads its
 ``state_dict``) and its ``step()`` (GradScaler, hooks) stay; sentinel's pre-step hook does
@@ -22,8 +26,7 @@ the update and sets the gradients aside, so the optimizer's own step finds nothi
 post-step hook puts them back.  Refused, with the reason logged once (the hook path then
 runs): optimizers other than torch.optim.Adam/AdamW, ``capturable``, ``differentiable``,
 ``fused=True`` (GradScaler then hands the optimizer scaled gradients and its found-inf flag,
-which this path does not take yet: use foreach), sharded (DTensor) parameters, and
-statistics (they read the actual W and the proposed update on their steps, which this path
+which this path does not take yet: use foreach), and statistics (they read the actual W and the proposed update on their steps, which this path
 does not materialise).
 """
 
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor
 
 from sentinel.adam import is_adam
+from sentinel.collectives import local
 from sentinel.optim.base import StepContext
 
 log = logging.getLogger("sentinel")
@@ -51,8 +55,6 @@ def refusal(optimizer: torch.optim.Optimizer, stats: bool) -> str | None:
         for key in ("capturable", "differentiable", "fused"):
             if g.get(key, False):
                 return f"the optimizer was built with {key}=True"
-        if any(type(p).__name__ == "DTensor" for p in g["params"]):
-            return "the parameters are sharded (DTensor)"
     return None
 
 
@@ -105,16 +107,16 @@ class FusedStep:
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
             step_t = st["step"]
             step_t += 1
-            steps = [step_t if step_t.device == p.device else step_t.to(p.device)]
+            steps = [step_t if step_t.device == local(p).device else step_t.to(local(p).device)]
             scale = None
             if not (isinstance(f, float) and f == 1.0):
                 scale = (1.0 / torch.as_tensor(f, dtype=torch.float64)).to(p.device, torch.float32).reshape(())
-            kernel(
-                [p],
-                [g],
-                [st["exp_avg"]],
-                [st["exp_avg_sq"]],
-                [st["max_exp_avg_sq"]] if group.get("amsgrad", False) else [],
+            kernel(  # on this rank's shards: every factor is a per-tensor scalar, the same on every rank
+                [local(p)],
+                [local(g)],
+                [local(st["exp_avg"])],
+                [local(st["exp_avg_sq"])],
+                [local(st["max_exp_avg_sq"])] if group.get("amsgrad", False) else [],
                 steps,
                 lr=lr_k,
                 beta1=float(beta1),
@@ -127,7 +129,7 @@ class FusedStep:
                 found_inf=None,
             )
             if after != 1.0:
-                p.mul_(after)
+                local(p).mul_(after)
             self.done.add(i)
         self._hold(ctx)
 

@@ -15,6 +15,8 @@ the host once per step (a device sync on GPU) when detection is on.  Default z =
 fires routinely, which a skip must not.  Outliers do not enter the EMA.  A skipped update
 leaves parameters and optimizer state untouched: gradients are dropped, so the optimizer
 sees no parameter to update.
+Sharded parameters (FSDP2, tensor parallel): the norms are the whole model's, from the shard
+sums every rank reduces before the step (sentinel/optim/sharded.py), so every rank decides alike.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sentinel.collectives import local
 from sentinel.optim.base import StepContext, Transform
+from sentinel.optim.sharded import sq_norms
 
 log = logging.getLogger("sentinel")
 
@@ -74,8 +78,12 @@ class Guard(Transform):
         grads = [p.grad for p in ctx.params if p.grad is not None]
         if not grads:
             return
-        pre = ctx.pre_clip if ctx.pre_clip is not None and not ctx.pre_clip.sharded else None
-        norm = float(pre.total()) if pre is not None else grad_norm(grads)
+        sums = ctx.sums
+        if sums is not None:  # sharded: whole-tensor norms, reduced before the transforms (sharded.py)
+            norm = float(sums["guard.pre"].sum().sqrt())
+        else:
+            pre = ctx.pre_clip if ctx.pre_clip is not None and not ctx.pre_clip.sharded else None
+            norm = float(pre.total()) if pre is not None else grad_norm(grads)
         if not math.isfinite(norm):
             self._skip(ctx, {"reason": "non-finite gradient", "grad_norm": norm})
             return
@@ -88,15 +96,32 @@ class Guard(Transform):
                 self._skip(ctx, {"reason": "grad-norm z-score", **evidence})
                 return
             bound = self.mean + self.z * std
-            received = grad_norm(grads) if pre is not None else norm  # the norm the optimizer would use
+            if sums is not None:
+                received = float(sums["guard.grad"].sum().sqrt())
+            else:
+                received = grad_norm(grads) if pre is not None else norm  # the norm the optimizer would use
             if received > bound:
-                torch._foreach_mul_(grads, bound / received)
+                torch._foreach_mul_([local(g) for g in grads], bound / received)
+                ctx.guard_scale = bound / received
             self.clips += 1
             evidence["received_grad_norm"] = received
             ctx.events.append({"action": "clip", "step": ctx.step, "clipped_to": min(bound, received), **evidence})
             log.warning("sentinel guard: gradients clipped to %.4g at step %d (%s)", bound, ctx.step, evidence)
             norm = bound
         self._update(norm)
+
+    def sum_keys(self, ctx: StepContext) -> tuple[str, ...]:
+        return ("guard.pre", "guard.grad") if self.detect and self.pending_skips <= 0 else ()
+
+    def shard_sums(self, ctx: StepContext) -> dict[str, dict[int, Tensor]]:
+        """‖g‖² before the user's clipping (the hooks' shard norms) and as the step receives it, per tensor."""
+        index = [i for i, p in enumerate(ctx.params) if p.grad is not None]
+        received = dict(zip(index, sq_norms([ctx.params[i].grad for i in index])))
+        pre = ctx.pre_clip
+        if pre is None:
+            return {"guard.pre": received, "guard.grad": received}
+        norms = pre.norms.double().square()
+        return {"guard.pre": {i: norms[i] for i in index}, "guard.grad": received}
 
     def _update(self, norm: float) -> None:
         if self.seen == 0:

@@ -30,6 +30,11 @@ under several names gets one gate, and an embedding tied to the output head take
 With the embedding's 1 the logits would be √d times too large (GPT-2 at d=768: first loss
 594 instead of 11).  Two distinct Parameters on one storage are refused, naming the pair: the
 W̄ ↔ W conversion would be applied to it twice.
+
+Sharded parameters (FSDP2, tensor parallel): the gates are one plain vector, the same on every
+rank; ⟨ḡ, W̄⟩ and the 'keep' RMS are whole-matrix sums reduced across the shards
+(sentinel/optim/sharded.py), and the conversions act on each rank's shard.  'wesar' init draws
+each whole matrix on every rank and keeps the local shard, so it equals the unsharded draw.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sentinel.collectives import local
 from sentinel.optim.base import StepContext, Transform, host_scalars, scale_grads
+from sentinel.optim.sharded import dots, shard_of, shard_sum, sq_norms
 
 log = logging.getLogger("sentinel")
 
@@ -121,6 +128,8 @@ class WeSaR(Transform):
         tied = tied_names(model, params)
         self.tied = {names[i]: tied[i] for i in self.index if i in tied}
         alphas = []
+        shards = shard_sum(self.params)  # sharded: whole-tensor RMS for 'keep' (one all-reduce here)
+        rms_of = self._rms(shards) if init != "wesar" else {}
         with torch.no_grad():
             for name, p in zip(self.names, self.params):
                 if init == "wesar":
@@ -133,10 +142,15 @@ class WeSaR(Transform):
                             ", ".join(self.tied[name]),
                         )
                     alpha = sigma_target(role, d, d_ffn, n_layers) / self.sigma
-                    actual = torch.empty_like(p).normal_(0.0, self.sigma, generator=generator)
-                    p.copy_(actual * alpha)
+                    if shards is None or local(p) is p:
+                        actual = torch.empty_like(p).normal_(0.0, self.sigma, generator=generator)
+                        p.copy_(actual * alpha)
+                    else:  # the whole matrix drawn on every rank (same RNG state), this rank keeps its shard
+                        full = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                        full.normal_(0.0, self.sigma, generator=generator)
+                        local(p).copy_(shard_of(full, p) * alpha)
                 else:
-                    rms = float(p.detach().double().square().mean().sqrt())
+                    rms = rms_of[name]
                     if rms == 0:
                         raise ValueError(f"WeSaR init 'keep': {name} is all zeros; use init 'wesar'")
                     alpha = rms / self.sigma
@@ -153,6 +167,24 @@ class WeSaR(Transform):
         )
         log.info("sentinel wesar: %d matrices gated (init %s, σ²=%g)", len(self.params), init, sigma2)
 
+    @torch.no_grad()
+    def _rms(self, shards: Any) -> dict[str, float]:
+        """RMS of every gated matrix, whole tensors (summed over the shards when ``shards``)."""
+        if shards is None:
+            return {n: float(p.detach().double().square().mean().sqrt()) for n, p in zip(self.names, self.params)}
+        sums = torch.stack(sq_norms([p.detach() for p in self.params])).unsqueeze(1)
+        total = shards(sums)[:, 0].tolist()
+        return {n: (s / p.numel()) ** 0.5 for n, p, s in zip(self.names, self.params, total)}
+
+    def sum_keys(self, ctx: StepContext) -> tuple[str, ...]:
+        return ("wesar.dot",)
+
+    def shard_sums(self, ctx: StepContext) -> dict[str, dict[int, Tensor]]:
+        """⟨ḡ, W̄⟩ of every gated matrix with a gradient, over this rank's shard."""
+        ks = [k for k, p in enumerate(self.params) if p.grad is not None]
+        values = dots([self.params[k].grad for k in ks], [self.params[k].detach() for k in ks])
+        return {"wesar.dot": {self.index[k]: v for k, v in zip(ks, values)}}
+
     def _gate_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) * self.gate_lr_scale
 
@@ -164,15 +196,21 @@ class WeSaR(Transform):
         self._alpha_host = alphas
         with_grad = [k for k, p in enumerate(self.params) if p.grad is not None]
         if with_grad:
-            dots = [torch.dot(self.params[k].grad.reshape(-1), self.params[k].detach().reshape(-1)) for k in with_grad]
+            if ctx.sums is not None:  # sharded: the whole matrices' ⟨ḡ, W̄⟩, taken before the guard's clip
+                summed = ctx.sums["wesar.dot"]
+                dot = [summed[self.index[k]] * ctx.guard_scale for k in with_grad]
+            else:
+                dot = [
+                    torch.dot(self.params[k].grad.reshape(-1), self.params[k].detach().reshape(-1)) for k in with_grad
+                ]
             grad = torch.zeros_like(self.gates)
-            grad[with_grad] = torch.stack(dots).to(grad.dtype) / self.gates.detach()[with_grad]
+            grad[with_grad] = torch.stack(dot).to(grad.dtype) / self.gates.detach()[with_grad]
             self.gates.grad = grad
             scale_grads(ctx, [self.index[k] for k in with_grad], [alphas[k] for k in with_grad])
         else:
             self.gates.grad = torch.zeros_like(self.gates)
         if not self.fused:
-            torch._foreach_div_([p.data for p in self.params], alphas)
+            torch._foreach_div_([local(p.data) for p in self.params], alphas)
 
     @torch.no_grad()
     def step_gates(self) -> None:
@@ -186,7 +224,7 @@ class WeSaR(Transform):
         if self.fused:  # the gates stepped before the update, which wrote α'·W' (sentinel/optim/fused.py)
             return
         self.step_gates()
-        torch._foreach_mul_([p.data for p in self.params], host_scalars(self.gates.detach()))
+        torch._foreach_mul_([local(p.data) for p in self.params], host_scalars(self.gates.detach()))
 
     def new_alpha_by_index(self) -> dict[int, Any]:
         """α' after the gates' step, by index into the optimizer's parameters."""
