@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import sentinel.optim.sharded as sharded
 from sentinel.config import Config
-from sentinel.optim import sharded
 from sentinel.optim.base import StepContext, Transform, optimizer_params
 from sentinel.optim.chain import Chain
 from sentinel.optim.clamp import Clamp

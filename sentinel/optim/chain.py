@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sentinel.optim import sharded
+import sentinel.optim.sharded as sharded
 from sentinel.optim.base import StepContext, Transform, apply_grad_factors
 
 log = logging.getLogger("sentinel")
