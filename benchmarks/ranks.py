@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent import protocol  # noqa: E402
 from agent.spawn import AgentProcess  # noqa: E402
+from sentinel_contract.protocol import JOB_SCALARS  # noqa: E402
 
 STATS = (
     "grad_l2",
@@ -57,19 +58,7 @@ STATS = (
     "adam_eps",
 )
 SCALARS = ("loss", "grad_norm", "grad_clip_factor", "adam_eps", "lr", "step_duration_seconds")
-JOB = (
-    "loss_min",
-    "loss_mean",
-    "loss_max",
-    "loss_max_rank",
-    "loss_nonfinite_ranks",
-    "step_seconds_min",
-    "step_seconds_mean",
-    "step_seconds_max",
-    "step_seconds_max_rank",
-    "errors_max",
-    "errors_max_rank",
-)
+JOB = JOB_SCALARS
 GOALS = {"series": 20_000, "scrape_p99_ms": 500.0, "latency_p99_ms": 1000.0, "agent_rss_mib": 2048.0}
 RUN = "bench-ranks"
 

@@ -33,23 +33,11 @@ import torch
 import torch.distributed as dist
 
 import sentinel.collectives as collectives
+from sentinel_contract.protocol import JOB_SCALARS
 
 log = logging.getLogger("sentinel")
 COLUMNS = ("loss", "loss_given", "step_seconds", "errors")
-#: the scalars rank 0 publishes, in order (docs/metrics.md, "Job-level aggregates")
-SCALARS = (
-    "loss_min",
-    "loss_mean",
-    "loss_max",
-    "loss_max_rank",
-    "loss_nonfinite_ranks",
-    "step_seconds_min",
-    "step_seconds_mean",
-    "step_seconds_max",
-    "step_seconds_max_rank",
-    "errors_max",
-    "errors_max_rank",
-)
+SCALARS = JOB_SCALARS  # what rank 0 publishes, in order (docs/metrics.md, "Job-level aggregates")
 
 
 class RankReduce:

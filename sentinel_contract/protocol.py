@@ -29,6 +29,21 @@ MAX_NAME = 256
 MAX_ROLE = 64
 #: roles of parameter rows that are not weight matrices (gains, biases, other 1-D tensors)
 VECTOR_ROLES = ("norm", "bias", "vector")
+#: job-level scalars rank 0 sends under torch.distributed: each rank's loss, step time and error count
+#: reduced over the job (min/mean/max and the rank of the max; sentinel/rank_reduce.py, docs/metrics.md)
+JOB_SCALARS = (
+    "loss_min",
+    "loss_mean",
+    "loss_max",
+    "loss_max_rank",
+    "loss_nonfinite_ranks",
+    "step_seconds_min",
+    "step_seconds_mean",
+    "step_seconds_max",
+    "step_seconds_max_rank",
+    "errors_max",
+    "errors_max_rank",
+)
 INT64_MAX = (1 << 63) - 1
 
 REJECT_REASONS = (
