@@ -27,7 +27,9 @@ sentinel's per-step cost on the tiny GPT into its parts, each the minimum over r
 (``cost_grad_hooks_us``), the per-tensor reductions after the step (``cost_reductions_us``:
 norms, √v̂, the update rebuilt from Adam's state), packing, host transfer, serialisation and
 send of the message (``cost_publish_us``), and the command poll at the step boundary
-(``cost_control_us``).
+(``cost_control_us``).  With ``--insecure`` a variant publishes over plain channels to a second agent
+started with ``security.insecure`` (the default is CURVE), and ``curve_vs_insecure=<sentinel/insecure>``
+says what authentication costs the step.
 Prints the median step time of each and its ratio to bare; the last line is
 ``overhead_ratio=<sentinel/bare>`` (the tiny GPT).
 
@@ -119,6 +121,9 @@ class Variant:
         if name == "sentinel":
             run = "overhead" if gpt is None else "overhead-2x128"
             self.sn = sentinel.attach(self.model, self.optimizer, run=run, publish={"endpoint": endpoint})
+        elif name == "insecure":  # the same, on plain channels to an agent started with security.insecure
+            self.sn = sentinel.attach(self.model, self.optimizer, run="overhead-insecure",
+                                      publish={"endpoint": endpoint, "insecure": True}, control={"insecure": True})  # fmt: skip
         elif name == "probes":
             self.sn = sentinel.attach(
                 self.model,
@@ -320,6 +325,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--grad-hooks", action="store_true", help="also time the gradient hooks: armed, idle, registered and removed"
     )
     parser.add_argument("--breakdown", action="store_true", help="also split sentinel's per-step cost into its parts")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="also train with plain channels to a second agent (security.insecure): curve_vs_insecure=<sentinel/that>",
+    )
     parser.add_argument("--device", default="cpu", help="where every variant trains: cpu (default), cuda, cuda:1...")
     parser.add_argument(
         "--dtype",
@@ -362,9 +372,12 @@ def main() -> None:
         f"context {gpt.block_size}, batch {tc.batch_size}, {n_params / 1e6:.2f}M parameters, AdamW, "
         f"{args.threads} threads{where}"
     )
-    with AgentProcess() as agent:
+    with AgentProcess() as agent, contextlib.ExitStack() as stack:
         names = ("bare", "sentinel", "callback") + (("probes",) if args.probes else ())
         variants = [Variant(name, tc, agent.stats_endpoint, args.probes, gpt, device, dtype) for name in names]
+        if args.insecure:
+            plain = stack.enter_context(AgentProcess(config={"security": {"insecure": True}}))
+            variants.append(Variant("insecure", tc, plain.stats_endpoint, gpt=gpt, device=device, dtype=dtype))
         variants += [
             Variant(f"{name}-2x128", tc, agent.stats_endpoint, gpt=SECOND_SHAPE, device=device, dtype=dtype)
             for name in ("bare", "sentinel")
@@ -408,6 +421,8 @@ def main() -> None:
         f"sentinel {statistics.median(second[1].times) * 1e3:.1f} ms"
     )
     print(f"callback_ratio={ratios['callback']:.3f}")
+    if args.insecure:
+        print(f"curve_vs_insecure={ratios['sentinel'] / ratios['insecure']:.3f}")
     print(f"overhead_ratio_2x128={small:.3f}")
     if args.probes:
         assert "sentinel_layer_attention_logit_max" in received, "the agent never exported the probe statistics"
