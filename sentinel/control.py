@@ -302,36 +302,51 @@ class Control:
         return ack
 
     def _apply(self, cmd: Command) -> tuple[str, str]:
-        sn, a = self.sn, cmd.args
-        ckpt = sn.checkpoints
+        ckpt = self.sn.checkpoints
         if cmd.action in CORRECTIVE and ckpt is not None:
             ckpt.taint(f"{cmd.action} command {cmd.id}: {cmd.reason or 'no reason given'}")
-        if cmd.action == "warn":
-            return "applied", "logged"
-        if cmd.action == "skip_update":
-            if getattr(sn, "guard", True) is None:
-                return "rejected", "sentinel is disabled: no optimizer hooks to skip updates with"
-            sn.skip_updates(a["steps"], reason=f"agent command {cmd.id}: {cmd.reason or 'no reason given'}")
-            return "applied", f"skipping the next {a['steps']} update(s)"
-        if cmd.action == "skip_batches":
-            sn.position.skip(a["n"], reason=f"agent command {cmd.id}: {cmd.reason or 'no reason given'}")
-            return "applied", f"data position now epoch {sn.position.epoch} index {sn.position.index}"
-        if cmd.action == "lr_scale":
-            scale_lr(sn.optimizer, sn.lr_scheduler, a["factor"])
-            self.lr_factor *= a["factor"]
-            return "applied", f"learning rates x{a['factor']:g} (cumulative x{self.lr_factor:g})"
-        if cmd.action == "eps_scale":
-            scale_eps(sn.optimizer, a["factor"])
-            self.eps_factor *= a["factor"]
-            return "applied", f"Adam ε x{a['factor']:g} in every param group (cumulative x{self.eps_factor:g})"
-        if cmd.action == "stop":
-            if ckpt is not None:
-                ckpt.wait()
-            sn.position.stop()
-            return "applied", "sn.should_stop is set; sn.batches() ends at its next batch"
-        if cmd.action == "rollback":
-            return self._rollback(a["steps_back"], a["skip"], cmd)
-        return "rejected", f"unknown action {cmd.action!r}"
+        handler = HANDLERS.get(cmd.action)
+        if handler is None:
+            return "rejected", f"unknown action {cmd.action!r}"
+        return handler(self, cmd)
+
+    # ---- one handler per action of sentinel_contract.actions.TABLE, listed in HANDLERS ----
+
+    def _warn(self, cmd: Command) -> tuple[str, str]:
+        return "applied", "logged"
+
+    def _skip_update(self, cmd: Command) -> tuple[str, str]:
+        if getattr(self.sn, "guard", True) is None:
+            return "rejected", "sentinel is disabled: no optimizer hooks to skip updates with"
+        steps = cmd.args["steps"]
+        self.sn.skip_updates(steps, reason=f"agent command {cmd.id}: {cmd.reason or 'no reason given'}")
+        return "applied", f"skipping the next {steps} update(s)"
+
+    def _skip_batches(self, cmd: Command) -> tuple[str, str]:
+        position = self.sn.position
+        position.skip(cmd.args["n"], reason=f"agent command {cmd.id}: {cmd.reason or 'no reason given'}")
+        return "applied", f"data position now epoch {position.epoch} index {position.index}"
+
+    def _lr_scale(self, cmd: Command) -> tuple[str, str]:
+        factor = cmd.args["factor"]
+        scale_lr(self.sn.optimizer, self.sn.lr_scheduler, factor)
+        self.lr_factor *= factor
+        return "applied", f"learning rates x{factor:g} (cumulative x{self.lr_factor:g})"
+
+    def _eps_scale(self, cmd: Command) -> tuple[str, str]:
+        factor = cmd.args["factor"]
+        scale_eps(self.sn.optimizer, factor)
+        self.eps_factor *= factor
+        return "applied", f"Adam ε x{factor:g} in every param group (cumulative x{self.eps_factor:g})"
+
+    def _stop(self, cmd: Command) -> tuple[str, str]:
+        if self.sn.checkpoints is not None:
+            self.sn.checkpoints.wait()
+        self.sn.position.stop()
+        return "applied", "sn.should_stop is set; sn.batches() ends at its next batch"
+
+    def _rollback_command(self, cmd: Command) -> tuple[str, str]:
+        return self._rollback(cmd.args["steps_back"], cmd.args["skip"], cmd)
 
     def _rollback(self, steps_back: int, skip: int, cmd: Command) -> tuple[str, str]:
         ckpt = self.sn.checkpoints
@@ -428,3 +443,16 @@ def _scale_scheduler(scheduler: Any, factor: float, seen: set[int]) -> None:
             )
     for sub in getattr(scheduler, "_schedulers", None) or ():
         _scale_scheduler(sub, factor, seen)
+
+
+#: the trainer's handler of each command action (sentinel_contract.actions.TABLE declares the actions;
+#: a test checks that the two list the same names)
+HANDLERS = {
+    "warn": Control._warn,
+    "skip_update": Control._skip_update,
+    "skip_batches": Control._skip_batches,
+    "lr_scale": Control._lr_scale,
+    "eps_scale": Control._eps_scale,
+    "stop": Control._stop,
+    "rollback": Control._rollback_command,
+}

@@ -345,3 +345,11 @@ def test_config_refuses_an_unauthenticated_remote_endpoint() -> None:
         _trainer("tcp://10.1.2.3:5558", control={"insecure": True})
     with pytest.raises(sentinel.ConfigError, match="control.curve"):
         _trainer("tcp://127.0.0.1:5558", control={"curve": {"secret_file": "x"}})
+
+
+def test_every_action_of_the_contract_has_exactly_one_handler_in_the_trainer() -> None:
+    from sentinel.control import HANDLERS
+    from sentinel_contract.actions import TABLE
+
+    assert set(HANDLERS) == {a.name for a in TABLE}
+    assert all(callable(h) for h in HANDLERS.values())
