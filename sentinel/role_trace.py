@@ -67,6 +67,7 @@ _TRANSPOSE_GETTERS = {"T", "mT", "H", "mH"}
 _SAME_DIMS = {"to", "float", "half", "bfloat16", "type", "contiguous", "clone", "detach", "type_as"}
 ATTENTION_MODULES = ("DotProductAttention",)  # Transformer Engine
 #: reads of a value a meta tensor does not have: the trace answers them (mask fast paths, sizes)
+_GATHERS = {T.__getitem__, torch.index_select, T.index_select}
 _READS = {T.item, T.__bool__, T.tolist, T.__int__, T.__float__, T.__index__}
 
 
@@ -248,13 +249,16 @@ class _Recorder(TorchFunctionMode):
         node = Node(func, name, inputs, [], self.modules[-1], weights=weights)
         matrix = MATRIX_FUNCS.get(func)
         big = [i for i, v in enumerate(inputs) if g.kind[v] == "weight" and len(g.shapes[v]) >= 2 and v in g.wsrc]
+        gather = self._row_gather(func, tensors, inputs, big)
+        if gather is not None:
+            matrix = "embedding"
         active = any(k in ("act", "input") for k in kinds)
         if matrix is not None and len(big) == 1 and (active or matrix == "embedding"):
             wpos = big[0]
             param, dims = g.wsrc[inputs[wpos]]
             node.use = Use(idx, param, matrix, self._out_dim(matrix, wpos, dims), self.modules[-1])
             if matrix == "embedding":
-                node.use.index_kind = raw[0] if wpos == 1 else None
+                node.use.index_kind = raw[gather] if gather is not None else raw[0] if wpos == 1 else None
             g.uses.append(node.use)
         if "act" in kinds or node.use is not None:
             okind = "act"
@@ -280,6 +284,20 @@ class _Recorder(TorchFunctionMode):
                 self._sdpa(idx, args, kwargs, tensors, inputs, node.outputs)
             elif func in SOFTMAX and kinds and kinds[0] == "act":
                 g.softmaxes.append(idx)
+
+    def _row_gather(self, func: Any, tensors: list, inputs: list, big: list[int]) -> int | None:
+        """``W[ids]`` or ``W.index_select(0, ids)`` on a whole 2-D weight: an embedding lookup written without
+        ``nn.Embedding``; the position of the index tensor, or None.  (An integer *scalar* index into a 3-D
+        weight is an expert's slice, which stays a weight.)"""
+        if func not in _GATHERS or big != [0] or len(self.g.shapes[inputs[0]]) != 2:
+            return None
+        if self.g.wsrc[inputs[0]][1] != (0, 1):
+            return None
+        for i, t in enumerate(tensors[1:], 1):
+            integer = not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+            if integer and t.dim() >= 1 and self.g.kind[inputs[i]] in ("input", "const"):
+                return i
+        return None
 
     def _out_dim(self, kind: str, wpos: int, dims: tuple[int | None, ...] | None) -> int | None:
         if dims is None or len(dims) < 2:

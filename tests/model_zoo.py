@@ -242,9 +242,59 @@ def _moe(experts: str, shared: bool) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- no nn.Linear, no nn.Embedding
+
+
+class _RawBlock(nn.Module):
+    """Weights as bare Parameters used by ``einsum`` and ``@``, eager softmax attention with its mask
+    built by hand, RMSNorm through the functional call: dataflow only, no module type to go by."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g_a, self.g_b = nn.Parameter(torch.ones(D)), nn.Parameter(torch.ones(D))
+        for n, shape in (("w_anfrage", (D, D)), ("w_schluessel", (D, D)), ("w_wert", (D, D)), ("w_aus", (D, D)),
+                         ("w_tor", (D, FFN)), ("w_hoch", (D, FFN)), ("w_runter", (FFN, D))):  # fmt: skip
+            setattr(self, n, nn.Parameter(torch.randn(shape) * 0.02))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        a = F.rms_norm(x, (C,), self.g_a)
+        q, k, v = (torch.einsum("btc,cd->btd", a, w).view(B, T, HEADS, -1).transpose(1, 2)
+                   for w in (self.w_anfrage, self.w_schluessel, self.w_wert))  # fmt: skip
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        x = x + (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C) @ self.w_aus
+        b = F.rms_norm(x, (C,), self.g_b)
+        return x + (F.silu(b @ self.w_tor) * (b @ self.w_hoch)) @ self.w_runter
+
+
+class RawGPT(nn.Module):
+    """Embedding by indexing a Parameter, the head a bare matrix: ``forward(idx)`` returns logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.einbettung = nn.Parameter(torch.randn(VOCAB, D) * 0.02)
+        self.stapel = nn.ModuleList(_RawBlock() for _ in range(LAYERS))
+        self.kopf = nn.Parameter(torch.randn(D, VOCAB) * 0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.einbettung[idx]
+        for blk in self.stapel:
+            x = blk(x)
+        return x @ self.kopf
+
+
+def _raw() -> dict[str, str]:
+    parts = {"w_anfrage": "q", "w_schluessel": "k", "w_wert": "v", "w_aus": "o", "w_tor": "gate", "w_hoch": "up",
+             "w_runter": "down"}  # fmt: skip
+    out = {f"stapel.{i}.{n}": r for i in range(LAYERS) for n, r in parts.items()}
+    return out | {"einbettung": "embedding", "kopf": "head"}
+
+
 #: name -> (build, expected matrix roles by full parameter name, attention implementation note)
 ZOO: dict[str, tuple[Callable[[], nn.Module], dict[str, str]]] = {
     **{name: ((lambda s=s: PlainGPT(s)), _plain_expected(s)) for name, s in STYLES.items()},
+    "raw_einsum": (RawGPT, _raw()),
     "hf_gpt2": (
         _hf(
             "GPT2Config",
