@@ -25,7 +25,10 @@ class Scenario:
     steps: int = 300  # updates the model holds at the end
     lr: float = 3e-3
     warmup: int = 20
-    schedule: str = "constant"  # constant | cosine (to zero at `steps`)
+    schedule: str = "constant"  # constant | cosine (to zero at `steps`) | wsd (linear to zero over the last 20 %)
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, no Adam state at all)
+    betas: tuple[float, float] = (0.9, 0.95)
+    accum: int = 1  # micro-batches per update (the batch split; each backward accumulates)
     weight_decay: float = 0.1
     head_weight_decay: float | None = None  # None: as the rest
     eps: float = 1e-8
@@ -119,6 +122,13 @@ HELDOUT: tuple[Scenario, ...] = (
     Scenario("heldout-opt", "clean", False, model=ModelSpec(kind="opt"), schedule="cosine", steps=400),
     Scenario("heldout-gpt-wide", "clean", False, model=ModelSpec(n_layer=4, n_embd=128, n_head=4), lr=1e-3,
              schedule="cosine", batch=8, steps=300),
+    # settings no default was fitted on: SGD (no Adam state), β₂ 0.999, a batch of 4, warm-up-stable-decay,
+    # gradient accumulation over 4 micro-batches
+    Scenario("heldout-sgd", "clean", False, optimizer="sgd", lr=0.3, weight_decay=0.0),
+    Scenario("heldout-beta999", "clean", False, betas=(0.9, 0.999), lr=1e-3, schedule="cosine"),
+    Scenario("heldout-batch4", "clean", False, batch=4, lr=1e-3),
+    Scenario("heldout-wsd", "clean", False, lr=5e-3, schedule="wsd", steps=400),
+    Scenario("heldout-accum", "clean", False, accum=4, model=ModelSpec(kind="llama")),
     # and mechanisms of the zoo on models they were not calibrated on
     Scenario("heldout-attn-plain", "attn_logit", True, model=ModelSpec(kind="plain"), lr=0.3, warmup=200, clip=None,
              twin_overrides=QK),

@@ -38,6 +38,8 @@ def _schedule(s: Scenario):
         f = min(1.0, (step + 1) / max(1, s.warmup))
         if s.schedule == "cosine":
             f *= 0.5 * (1 + math.cos(math.pi * min(step, s.steps) / s.steps))
+        elif s.schedule == "wsd":
+            f *= min(1.0, max(0.0, (s.steps - step) / (0.2 * s.steps)))
         if s.rewarm is not None:
             start, ramp, to = s.rewarm
             f *= 1 + min(1.0, max(0.0, (step - start) / ramp)) * (to - 1)
@@ -54,7 +56,9 @@ def _optimizer(s: Scenario, model: torch.nn.Module) -> torch.optim.Optimizer:
     groups = [{"params": [p for n, p in named if n not in head]}]
     if head:
         groups.append({"params": [p for n, p in named if n in head], "weight_decay": s.head_weight_decay})
-    return torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.95), eps=s.eps)
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=s.lr, momentum=0.9, weight_decay=s.weight_decay)
+    return torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay, betas=s.betas, eps=s.eps)
 
 
 def held_out(block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,16 +89,20 @@ def train(s: Scenario, seed: int, sentinel_config: dict, *, init_seed: int | Non
         if s.corrupt is not None and trained == s.corrupt[0]:
             with torch.no_grad():
                 params[s.corrupt[1]].view(-1)[0] = s.corrupt[2]
-        logits, loss = forward(model, x, y)
-        total = loss
-        if s.z_loss:
-            total = total + s.z_loss * torch.logsumexp(logits.float(), dim=-1).square().mean()
-        if s.loss_scale is not None:
-            total = total * s.loss_scale[0] * 0.5 ** (sn.step / s.loss_scale[1])
-        if s.nan_step is not None and trained == s.nan_step:
-            total = total * float("nan")
-            loss = loss * float("nan")
-        total.backward()
+        micro = []
+        for xm, ym in zip(x.chunk(s.accum), y.chunk(s.accum)):
+            logits, loss = forward(model, xm, ym)
+            total = loss / s.accum
+            if s.z_loss:
+                total = total + s.z_loss * torch.logsumexp(logits.float(), dim=-1).square().mean()
+            if s.loss_scale is not None:
+                total = total * s.loss_scale[0] * 0.5 ** (sn.step / s.loss_scale[1])
+            if s.nan_step is not None and trained == s.nan_step:
+                total = total * float("nan")
+                loss = loss * float("nan")
+            total.backward()
+            micro.append(loss.detach())
+        loss = torch.stack(micro).mean()
         if s.clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip)
         opt.step()
