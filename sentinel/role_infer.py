@@ -359,9 +359,14 @@ def _normalised(g: Graph, vid: int, depth: int = 5) -> bool:
 
 
 def _vectors(g: Graph, st: Structure, shapes: dict[str, tuple[int, ...]]) -> None:
+    weights = {u.param for u in g.uses}
     for idx, node in enumerate(g.nodes):
         for param, _pos in node.weights:
-            if param in st.roles or len(shapes.get(param, (0, 0))) >= 2:
+            if param in st.roles:
+                continue
+            if len(shapes.get(param, (0, 0))) >= 2:  # stacked per-expert biases (GPT-OSS): never a product's weight
+                if param not in weights and node.name in _ADDS and _adds_to_product(g, idx):
+                    st.roles[param] = "bias"
                 continue
             if node.func in NORMS:
                 st.roles[param] = "norm"
@@ -369,10 +374,13 @@ def _vectors(g: Graph, st: Structure, shapes: dict[str, tuple[int, ...]]) -> Non
                 st.roles[param] = "bias"
             elif node.func in MULS and any(_normalised(g, i) for i in _data_inputs(g, idx)):
                 st.roles[param] = "norm"
-            elif node.name in _ADDS:
-                acts = _data_inputs(g, idx)
-                if any(g.producer.get(i) is not None and g.nodes[g.producer[i]].use is not None for i in acts):
-                    st.roles[param] = "bias"
+            elif node.name in _ADDS and _adds_to_product(g, idx):
+                st.roles[param] = "bias"
+
+
+def _adds_to_product(g: Graph, idx: int) -> bool:
+    acts = _data_inputs(g, idx)
+    return any(g.producer.get(i) is not None and g.nodes[g.producer[i]].use is not None for i in acts)
 
 
 def _tied(g: Graph, st: Structure, aliases: dict[str, list[str]], role_of_use: dict[int, str]) -> None:

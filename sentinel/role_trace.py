@@ -295,9 +295,28 @@ class _Recorder(TorchFunctionMode):
             return None
         for i, t in enumerate(tensors[1:], 1):
             integer = not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
-            if integer and t.dim() >= 1 and self.g.kind[inputs[i]] in ("input", "const"):
+            kind = self.g.kind[inputs[i]]
+            if integer and t.dim() >= 1 and (kind == "input" or (kind == "const" and not self._from_act(inputs[i]))):
                 return i
         return None
+
+    def _from_act(self, vid: int, depth: int = 16) -> bool:
+        """Whether a value was computed from activations (a router's expert indices), not from positions."""
+        todo, seen = [vid], set()
+        while todo and depth > 0:
+            depth -= 1
+            v = todo.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            node = self.g.producer.get(v)
+            if node is None:
+                continue
+            for u in self.g.nodes[node].inputs:
+                if self.g.kind.get(u) == "act":
+                    return True
+                todo.append(u)
+        return False
 
     def _out_dim(self, kind: str, wpos: int, dims: tuple[int | None, ...] | None) -> int | None:
         if dims is None or len(dims) < 2:
