@@ -8,8 +8,9 @@
 * ``plain``: a byte-level GPT in another naming style (``qkv``, ``proj``, ``fc1``, ``fc2``,
   ``ln1``, ``ln2``, ``tok``/``pos``/``out``), which no name preset knows;
 * the held-out architectures of ``HF`` (GPT-NeoX, Mistral with one KV head, Phi, Gemma and GPT-2
-  with tied embeddings, OPT), trained only in the held-out clean runs: no default was fitted on
-  them, so their false alarms say how the defaults carry over to models the zoo did not tune for.
+  with tied embeddings, OPT, Qwen3-MoE, Gemma 2 with soft-capped eager attention, GPT-J), trained
+  only in the held-out runs: no default was fitted on them, so their false alarms say how the
+  defaults carry over to models the zoo did not tune for.
 
 ``forward(model, x, y)`` returns (logits, loss) for all of them.
 """
@@ -89,6 +90,11 @@ HF = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": None, "n_layer": None, "n_head": None, "n_positions": None,
                                                 "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0}),
     "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": None, "word_embed_proj_dim": None, "pad_token_id": 1}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": None, "num_experts": 4, "num_experts_per_tok": 2,
+                                                            "moe_intermediate_size": 64}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": None, "attn_implementation": "eager"}),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", {"n_embd": None, "n_layer": None, "n_head": None, "n_positions": None,
+                                               "rotary_dim": 8, "bos_token_id": 0, "eos_token_id": 0}),
 }  # fmt: skip
 
 

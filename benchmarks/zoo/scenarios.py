@@ -122,6 +122,9 @@ HELDOUT: tuple[Scenario, ...] = (
     Scenario("heldout-opt", "clean", False, model=ModelSpec(kind="opt"), schedule="cosine", steps=400),
     Scenario("heldout-gpt-wide", "clean", False, model=ModelSpec(n_layer=4, n_embd=128, n_head=4), lr=1e-3,
              schedule="cosine", batch=8, steps=300),
+    Scenario("heldout-qwen3-moe", "clean", False, model=ModelSpec(kind="qwen3_moe"), lr=2e-3, schedule="cosine"),
+    Scenario("heldout-gemma2", "clean", False, model=ModelSpec(kind="gemma2"), lr=1e-3),
+    Scenario("heldout-gptj", "clean", False, model=ModelSpec(kind="gptj"), lr=1e-3, schedule="wsd"),
     # settings no default was fitted on: SGD (no Adam state), β₂ 0.999, a batch of 4, warm-up-stable-decay,
     # gradient accumulation over 4 micro-batches
     Scenario("heldout-sgd", "clean", False, optimizer="sgd", lr=0.3, weight_decay=0.0),
