@@ -10,6 +10,8 @@ rounds.  Variants:
   all       guard + WeSaR + ε auto-tuning + clamp (statistics off), around the optimizer's step
   fused     the same four, with sentinel making the update in one fused Adam pass (optim.fused: auto)
   plain_fused  AdamW(fused=True), sentinel not attached: torch's own one-pass step, a second baseline
+  all_stats, fused_stats  all and fused with statistics on every step (the default cadence is every
+                step too): what the four cost where a user runs them, statistics included
 Prints median step time, its ratio to plain and peak RSS; the last line is
 ``optim_step_ratio=<fused/plain>``.
 
@@ -60,6 +62,8 @@ VARIANTS = {
     },
     "plain_fused": None,
 }
+VARIANTS["all_stats"], VARIANTS["fused_stats"] = VARIANTS["all"], VARIANTS["fused"]
+STATS_ON = ("all_stats", "fused_stats")
 
 
 def child(variant: str, steps: int, threads: int) -> None:
@@ -95,9 +99,13 @@ def _optimizer(torch, model, variant: str):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, **kind)
     if VARIANTS[variant] is None:
         return opt, None
+    stats = {"enabled": True, "every": 1} if variant in STATS_ON else {"enabled": False}
     sn = sentinel.attach(
-        model, opt, publish={"enabled": False}, stats={"enabled": False}, optim=VARIANTS[variant], log_level="warning"
-    )
+        model, opt, publish={"enabled": False}, control={"enabled": False}, stats=stats, optim=VARIANTS[variant],
+        log_level="warning",
+    )  # fmt: skip
+    if variant.startswith("fused") and sn.chain.fused is None:
+        raise SystemExit(f"variant {variant}: the fused step did not run (see the WARNING above)")
     return opt, sn
 
 

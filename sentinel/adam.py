@@ -63,6 +63,7 @@ class AdamChunk:
     scale: float
     wd: float
     on_host: bool
+    param_scale: list[float] | None = None  # per tensor, W = this × what the module holds (fused WeSaR: 1/α')
 
     def sqrt_v(self) -> list[Tensor]:
         """√v per tensor (not bias-corrected: √v̂ = √v/√b2), in new tensors."""
@@ -72,18 +73,15 @@ class AdamChunk:
         """-ΔW of the step just taken; adds ε·√b2 to ``sqrt_v`` in place (it becomes D)."""
         torch._foreach_add_(sqrt_v, [self.eps * r for r in self.root_b2])
         coef = [self.scale * r / b for r, b in zip(self.root_b2, self.b1)]
+        decay = [self.scale * self.wd * m for m in self.param_scale or [1.0] * len(self.params)]
         if self.on_host:
-            u = (
-                torch._foreach_mul(self.params, self.scale * self.wd)
-                if self.wd
-                else [torch.zeros_like(p) for p in self.params]
-            )
+            u = torch._foreach_mul(self.params, decay) if self.wd else [torch.zeros_like(p) for p in self.params]
             torch._foreach_addcdiv_(u, self.exp_avg, sqrt_v, coef)
             return u
         u = torch._foreach_div(self.exp_avg, sqrt_v)  # addcdiv_ takes host scalars only
         torch._foreach_mul_(u, coef)
         if self.wd:
-            torch._foreach_add_(u, self.params, alpha=self.scale * self.wd)
+            torch._foreach_add_(u, torch._foreach_mul(self.params, decay))
         return u
 
 

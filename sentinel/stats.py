@@ -84,6 +84,7 @@ class TensorStats:
         self._grad_l2: list[Tensor] = []
         self._param_l2: list[Tensor] = []
         self.host_steps: bool | None = None  # Adam's step counters on the host (None: look at the state)
+        self._units_after: dict[int, Any] = {}
 
     @property
     def snapshot_bytes(self) -> int:
@@ -91,37 +92,48 @@ class TensorStats:
         return sum(local(p).numel() * p.element_size() for p in self.params) if self.mode == "copy" else 0
 
     @torch.no_grad()
-    def before_step(self, pre_clip: Tensor | None = None, factors: dict[int, Any] | None = None) -> None:
+    def before_step(
+        self,
+        pre_clip: Tensor | None = None,
+        factors: dict[int, Any] | None = None,
+        pending: dict[int, Any] | None = None,
+        units: dict[int, Any] | None = None,
+    ) -> None:
         """Gradient norms and ‖W_before‖ (and the snapshot in 'copy' mode).
 
         ``pre_clip``: per tensor, the gradient norm before the user's clipping (sentinel/gradnorms.py),
         to be multiplied by ``factors`` (what sentinel multiplied gradients by so far, by tensor);
-        without it the gradients are read as the step finds them.
+        without it the gradients are read as the step finds them.  The fused step multiplies no
+        gradient and keeps W̄ = α·W in the module: ``pending`` are the multipliers it will fold into
+        its kernel (the gradient of W is α·ḡ), ``units`` the α with ‖W‖ = ‖W̄‖/α.
         Sharded: if any rank's statistics failed at the previous statistics step, raise on every
         rank alike, so that all of them turn statistics off at the same step.
         """
         if self.shards is None:
-            return self._before_step(pre_clip, factors)
+            return self._before_step(pre_clip, factors, pending, units)
         failed = self.shards.failures()
         if failed:
             raise RuntimeError(f"statistics failed on {failed} rank(s) at the previous statistics step")
         try:
-            self._before_step(pre_clip, factors)
+            self._before_step(pre_clip, factors, pending, units)
         except Exception:
             self._fail("before")
 
-    def _before_step(self, pre_clip: Tensor | None, factors: dict[int, Any] | None) -> None:
+    def _before_step(self, pre_clip: Tensor | None, factors: dict | None, pending: dict | None, units: dict | None):
         params = [local(p) for p in self.params]
         self._with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
         if pre_clip is not None:
-            self._grad_l2 = pre_clip * _multipliers(factors, pre_clip) if factors else pre_clip
+            both = _merged(factors, pending)
+            self._grad_l2 = pre_clip * _multipliers(both, pre_clip) if both else pre_clip
         else:
             self._grad_l2 = [self._zero] * len(params)
             if self._with_grad:
                 grads = [local(self.params[i].grad) for i in self._with_grad]
                 for i, v in zip(self._with_grad, torch._foreach_norm(grads)):
-                    self._grad_l2[i] = v
+                    self._grad_l2[i] = v * abs(pending[i]) if pending and i in pending else v
         self._param_l2 = list(torch._foreach_norm(params))
+        for i, a in (units or {}).items():
+            self._param_l2[i] = self._param_l2[i] / a
         if self.mode == "copy":
             self._before = [p.detach().clone() for p in params]
 
@@ -135,11 +147,13 @@ class TensorStats:
         self._failed = True
 
     @torch.no_grad()
-    def after_step(self, grad_scale: list | None = None) -> tuple[Tensor, Tensor]:
+    def after_step(self, grad_scale: list | None = None, units: dict[int, Any] | None = None) -> tuple[Tensor, Tensor]:
         """Return (stats matrix [tensors x stats], global grad L2 norm), both on the device.
 
         ``grad_scale``: per tensor, the units Adam's state is kept in (set by the ε tuner).
+        ``units``: the fused step's α' (the module holds α'·W' after it), by tensor.
         """
+        self._units_after = units or {}
         if self.shards is None:
             norms, root_b2 = self._local_norms(torch.float32)
         else:
@@ -198,6 +212,8 @@ class TensorStats:
         for c in adam_chunks(
             self.optimizer, self.params, self.group_of, self._with_grad, self.chunk_elements, self.host_steps
         ):
+            if self._units_after:
+                c.param_scale = [1.0 / float(self._units_after.get(i, 1.0)) for i in c.index]
             d = c.sqrt_v()
             counts = below_counts(d, [c.eps * r for r in c.root_b2])
             for i, norm, count, r in zip(c.index, torch._foreach_norm(d), counts, c.root_b2):
@@ -230,6 +246,13 @@ def below_counts(d: list[Tensor], limits: list, batched: bool | None = None) -> 
     return list(torch._foreach_norm(diff))
 
 
+def _merged(a: dict[int, Any] | None, b: dict[int, Any] | None) -> dict[int, Any]:
+    out = dict(a or {})
+    for i, f in (b or {}).items():
+        out[i] = out[i] * f if i in out else f
+    return out
+
+
 def _multipliers(factors: dict[int, Any], like: Tensor) -> Tensor:
     """|factor| per tensor (1 where none) as one vector on ``like``'s device, with no host-to-device copy."""
     one = like.new_ones(())
@@ -247,14 +270,18 @@ class StatsTap(Transform):
     def __init__(self, stats: TensorStats, due: Callable[[], bool]):
         self.stats, self.due = stats, due
         self.pending: tuple[Tensor, Tensor] | None = None
+        self.units_of: Callable[[], dict[int, Any]] | None = None  # fused step with WeSaR: α before the update
+        self.units_after_of: Callable[[], dict[int, Any]] | None = None  # and α' after it
 
     def before_step(self, ctx: StepContext) -> None:
         if self.due():
             pre = ctx.pre_clip
-            self.stats.before_step(pre.norms if pre is not None else None, ctx.applied)
+            units = self.units_of() if self.units_of is not None else None
+            self.stats.before_step(pre.norms if pre is not None else None, ctx.applied, ctx.grad_factor, units)
 
     def after_step(self, ctx: StepContext) -> None:
         if self.due():
-            self.pending = self.stats.after_step(ctx.grad_scale)
+            units = self.units_after_of() if self.units_after_of is not None else None
+            self.pending = self.stats.after_step(ctx.grad_scale, units)
             if self.stats.shards is not None and "update_l2" in self.stats.stats:  # the clamp reuses it (sharded)
                 ctx.update_l2 = self.pending[0][:, self.stats.stats.index("update_l2")]

@@ -150,7 +150,8 @@ def fused_step(
     """The fused update when ``optim.fused`` is 'auto' and it can run (else None, with the reason logged)."""
     if config.optim.fused != "auto" or not {"wesar", "eps", "clamp"} & set(transforms):
         return None
-    reason = refusal(optimizer, "stats" in transforms)
+    stats = transforms.get("stats")
+    reason = refusal(optimizer, stats.stats.mode if stats is not None else None)
     if reason is not None:
         log.warning("sentinel: optim.fused 'auto': the transforms act around the optimizer's step: %s", reason)
         return None
@@ -158,9 +159,10 @@ def fused_step(
     if wesar is not None:
         wesar.fused = True
     clamp = transforms.get("clamp")
-    if clamp is not None and wesar is not None:
-        clamp.units_of = wesar.alpha_by_index
-        clamp.units_after_of = wesar.new_alpha_by_index
+    for t in (clamp, stats):
+        if t is not None and wesar is not None:
+            t.units_of = wesar.alpha_by_index
+            t.units_after_of = wesar.new_alpha_by_index
     log.info(
         "sentinel: one fused Adam step carries %s", ", ".join(n for n in ("wesar", "eps", "clamp") if n in transforms)
     )

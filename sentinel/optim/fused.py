@@ -26,8 +26,10 @@ the update and sets the gradients aside, so the optimizer's own step finds nothi
 post-step hook puts them back.  Refused, with the reason logged once (the hook path then
 runs): optimizers other than torch.optim.Adam/AdamW, ``capturable``, ``differentiable``,
 ``fused=True`` (GradScaler then hands the optimizer scaled gradients and its found-inf flag,
-which this path does not take yet: use foreach), and statistics (they read the actual W and the proposed update on their steps, which this path
-does not materialise).
+which this path does not take yet: use foreach), and ``stats.update: copy`` (a snapshot of W̄
+would need its own conversion).  Statistics are taken as on the hook path, in W's units: ‖W‖ =
+‖W̄‖/α before the update, the gradient of W = α·ḡ, and the update rebuilt from Adam's state
+with W' = (what the module holds)/α' (sentinel/stats.py).
 """
 
 from __future__ import annotations
@@ -45,12 +47,12 @@ from sentinel.optim.base import StepContext
 log = logging.getLogger("sentinel")
 
 
-def refusal(optimizer: torch.optim.Optimizer, stats: bool) -> str | None:
-    """Why the fused step cannot run for this optimizer (None: it can)."""
+def refusal(optimizer: torch.optim.Optimizer, stats_mode: str | None = None) -> str | None:
+    """Why the fused step cannot run for this optimizer (None: it can); ``stats_mode``: stats.update in force."""
     if not is_adam(optimizer):
         return f"it needs torch.optim.Adam or AdamW, not {type(optimizer).__name__}"
-    if stats:
-        return "statistics are on (stats.enabled: false turns it on)"
+    if stats_mode == "copy":
+        return "stats.update is 'copy' (use 'reconstruct', the default for Adam/AdamW)"
     for g in optimizer.param_groups:
         for key in ("capturable", "differentiable", "fused"):
             if g.get(key, False):

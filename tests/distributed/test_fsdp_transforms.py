@@ -43,7 +43,7 @@ CONFIGS = {
     "eps": (EPS, {}, 1e-2),
     "clamp": (CLAMP, {}, 1e-2),
     "all": ({**GUARD_CLIP, **WESAR, **EPS, **CLAMP}, {"stats": {"enabled": True, "every": 2}}, 1e-2),
-    "fused": ({**GUARD_CLIP, **WESAR, **EPS, **CLAMP, "fused": "auto"}, {}, 1e-2),
+    "fused": ({**GUARD_CLIP, **WESAR, **EPS, **CLAMP, "fused": "auto"}, {"stats": {"enabled": True, "every": 2}}, 1e-2),
 }
 ALONE = ["none", "guard", "wesar", "wesar_init", "eps"]
 TOGETHER = ["clamp", "all", "fused"]

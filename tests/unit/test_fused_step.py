@@ -24,7 +24,7 @@ VARIANTS = {
 }
 
 
-def _run(optim: dict, fused: str, steps: int, *, amsgrad: bool = False, adam: bool = False):
+def _run(optim: dict, fused: str, steps: int, *, amsgrad: bool = False, adam: bool = False, stats: bool = False):
     torch.manual_seed(0)
     model = GPT(CFG).double()
     if adam:
@@ -33,9 +33,19 @@ def _run(optim: dict, fused: str, steps: int, *, amsgrad: bool = False, adam: bo
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, amsgrad=amsgrad)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
     sn = sentinel.attach(
-        model, opt, publish={"enabled": False}, stats={"enabled": False}, optim={**optim, "fused": fused}
+        model, opt, publish={"enabled": False}, stats={"enabled": stats}, optim={**optim, "fused": fused}
     )
     assert (sn.chain.fused is not None) == (fused == "auto")
+    measured: list[torch.Tensor] = []
+    if stats:
+        after = sn.stats.after_step
+
+        def record(*args, **kwargs):
+            matrix, norm = after(*args, **kwargs)
+            measured.append(matrix.detach().clone())
+            return matrix, norm
+
+        sn.stats.after_step = record
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randint(0, CFG.vocab_size, (4, CFG.block_size), generator=gen)
@@ -45,7 +55,8 @@ def _run(optim: dict, fused: str, steps: int, *, amsgrad: bool = False, adam: bo
         opt.zero_grad()
         sched.step()
         sn.observe(loss=loss)
-    out = {"params": [p.detach().clone() for p in model.parameters()], "opt": opt.state_dict(), "sn": sn}
+    out = {"params": [p.detach().clone() for p in model.parameters()], "opt": opt.state_dict(), "sn": sn,
+           "stats": measured}  # fmt: skip
     sn.close()
     return out
 
@@ -81,6 +92,22 @@ def test_fused_step_equals_the_hook_path(variant: str) -> None:
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("variant", ["wesar", "all"])
+def test_statistics_of_the_fused_step_are_the_hook_paths(variant: str) -> None:
+    """With statistics on, the fused step runs, and ‖W‖, ‖∂L/∂W‖, ‖ΔW‖, the update ratio and √v̂ it
+    publishes are those of the actual W that the hook path publishes (not of the module's W̄ = α·W)."""
+    ref = _run(VARIANTS[variant], "off", 10, stats=True)
+    got = _run(VARIANTS[variant], "auto", 10, stats=True)
+    _assert_same(ref, got)
+    names = got["sn"].stats.stats
+    assert len(got["stats"]) == len(ref["stats"]) == 10
+    gates = got["sn"].chain.transforms["wesar"].gates
+    assert float((gates - 1).abs().max()) > 0.1  # W̄ and W differ, so a statistic of W̄ would not pass
+    for step, (a, b) in enumerate(zip(ref["stats"], got["stats"])):
+        for k, name in enumerate(names):
+            torch.testing.assert_close(b[:, k], a[:, k], rtol=1e-4, atol=1e-12, msg=f"{name} at step {step}")
+
+
 @pytest.mark.parametrize("adam, amsgrad", [(False, True), (True, False)], ids=["adamw-amsgrad", "adam"])
 def test_fused_step_with_amsgrad_and_with_adam(adam: bool, amsgrad: bool) -> None:
     optim = {"wesar": {"enabled": True, "init": "wesar"}, "clamp": {"enabled": True, "default": 0.002}}
@@ -102,7 +129,7 @@ def test_a_plain_adamw_loads_the_fused_runs_optimizer_state() -> None:
 @pytest.mark.parametrize(
     "make, stats, reason",
     [
-        (lambda m: torch.optim.AdamW(m.parameters()), True, "statistics are on"),
+        (lambda m: torch.optim.AdamW(m.parameters()), "copy", "stats.update is 'copy'"),
         (lambda m: torch.optim.SGD(m.parameters(), lr=1e-3), False, "not SGD"),
         (lambda m: torch.optim.AdamW(m.parameters(), capturable=True), False, "capturable=True"),
         (lambda m: torch.optim.AdamW(m.parameters(), fused=True), False, "fused=True"),
@@ -110,7 +137,7 @@ def test_a_plain_adamw_loads_the_fused_runs_optimizer_state() -> None:
     ids=["stats", "sgd", "capturable", "fused"],
 )
 def test_fused_auto_keeps_the_hook_path_where_it_cannot_run_and_says_why(
-    make, stats: bool, reason: str, caplog
+    make, stats: bool | str, reason: str, caplog
 ) -> None:
     model = GPT(CFG)
     opt = make(model)
@@ -119,7 +146,7 @@ def test_fused_auto_keeps_the_hook_path_where_it_cannot_run_and_says_why(
             model,
             opt,
             publish={"enabled": False},
-            stats={"enabled": stats},
+            stats={"enabled": True, "update": stats} if isinstance(stats, str) else {"enabled": stats},
             optim={**VARIANTS["clamp"], "fused": "auto"},
         )
     assert sn.chain.fused is None
