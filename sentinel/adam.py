@@ -80,7 +80,9 @@ class AdamChunk:
             return u
         u = torch._foreach_div(self.exp_avg, sqrt_v)  # addcdiv_ takes host scalars only
         torch._foreach_mul_(u, coef)
-        if self.wd:
+        if self.wd and self.param_scale is None:
+            torch._foreach_add_(u, self.params, alpha=self.scale * self.wd)
+        elif self.wd:
             torch._foreach_add_(u, torch._foreach_mul(self.params, decay))
         return u
 

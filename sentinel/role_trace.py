@@ -66,8 +66,9 @@ NORMS = {F.layer_norm, F.rms_norm, F.group_norm, torch.rsqrt, T.rsqrt, F.normali
 _TRANSPOSE_GETTERS = {"T", "mT", "H", "mH"}
 _SAME_DIMS = {"to", "float", "half", "bfloat16", "type", "contiguous", "clone", "detach", "type_as"}
 ATTENTION_MODULES = ("DotProductAttention",)  # Transformer Engine
-#: reads of a value a meta tensor does not have: the trace answers them (mask fast paths, sizes)
+#: a row gather of a weight (W[ids], W.index_select(0, ids)): an embedding lookup without nn.Embedding
 _GATHERS = {T.__getitem__, torch.index_select, T.index_select}
+#: reads of a value a meta tensor does not have: the trace answers them (mask fast paths, sizes)
 _READS = {T.item, T.__bool__, T.tolist, T.__int__, T.__float__, T.__index__}
 
 
@@ -249,7 +250,7 @@ class _Recorder(TorchFunctionMode):
         node = Node(func, name, inputs, [], self.modules[-1], weights=weights)
         matrix = MATRIX_FUNCS.get(func)
         big = [i for i, v in enumerate(inputs) if g.kind[v] == "weight" and len(g.shapes[v]) >= 2 and v in g.wsrc]
-        gather = self._row_gather(func, tensors, inputs, big)
+        gather = self._row_gather(func, args, tensors, inputs, big)
         if gather is not None:
             matrix = "embedding"
         active = any(k in ("act", "input") for k in kinds)
@@ -285,13 +286,15 @@ class _Recorder(TorchFunctionMode):
             elif func in SOFTMAX and kinds and kinds[0] == "act":
                 g.softmaxes.append(idx)
 
-    def _row_gather(self, func: Any, tensors: list, inputs: list, big: list[int]) -> int | None:
+    def _row_gather(self, func: Any, args: tuple, tensors: list, inputs: list, big: list[int]) -> int | None:
         """``W[ids]`` or ``W.index_select(0, ids)`` on a whole 2-D weight: an embedding lookup written without
         ``nn.Embedding``; the position of the index tensor, or None.  (An integer *scalar* index into a 3-D
         weight is an expert's slice, which stays a weight.)"""
         if func not in _GATHERS or big != [0] or len(self.g.shapes[inputs[0]]) != 2:
             return None
         if self.g.wsrc[inputs[0]][1] != (0, 1):
+            return None
+        if func is not T.__getitem__ and (len(args) < 2 or args[1] != 0):  # index_select along dim 1: columns
             return None
         for i, t in enumerate(tensors[1:], 1):
             integer = not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from sentinel.adam import adam_chunks, chunks, is_adam
 from sentinel.collectives import ShardSum, local
-from sentinel.optim.base import StepContext, Transform
+from sentinel.optim.base import StepContext, Transform, merge_factors
 
 __all__ = ["StatsTap", "TensorStats", "is_adam"]
 
@@ -84,7 +84,6 @@ class TensorStats:
         self._grad_l2: list[Tensor] = []
         self._param_l2: list[Tensor] = []
         self.host_steps: bool | None = None  # Adam's step counters on the host (None: look at the state)
-        self._units_after: dict[int, Any] = {}
 
     @property
     def snapshot_bytes(self) -> int:
@@ -123,7 +122,7 @@ class TensorStats:
         params = [local(p) for p in self.params]
         self._with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
         if pre_clip is not None:
-            both = _merged(factors, pending)
+            both = merge_factors(dict(factors or {}), pending or {})
             self._grad_l2 = pre_clip * _multipliers(both, pre_clip) if both else pre_clip
         else:
             self._grad_l2 = [self._zero] * len(params)
@@ -153,14 +152,13 @@ class TensorStats:
         ``grad_scale``: per tensor, the units Adam's state is kept in (set by the ε tuner).
         ``units``: the fused step's α' (the module holds α'·W' after it), by tensor.
         """
-        self._units_after = units or {}
         if self.shards is None:
-            norms, root_b2 = self._local_norms(torch.float32)
+            norms, root_b2 = self._local_norms(torch.float32, units)
         else:
             try:
                 if self._failed:
                     raise RuntimeError("statistics failed before the step on this rank")
-                norms, root_b2 = self._local_norms(torch.float64)
+                norms, root_b2 = self._local_norms(torch.float64, units)
             except Exception:
                 self._fail("after")
                 norms = torch.full((len(self.params), 5), float("nan"), dtype=torch.float64, device=self._zero.device)
@@ -182,7 +180,7 @@ class TensorStats:
         matrix = torch.stack([columns[s] for s in self.stats], dim=1)
         return matrix, g.square().sum().sqrt()
 
-    def _local_norms(self, dtype: torch.dtype) -> tuple[Tensor, list]:
+    def _local_norms(self, dtype: torch.dtype, units: dict[int, Any] | None) -> tuple[Tensor, list]:
         """Per tensor, L2 norms over this rank's elements of (grad, W, ΔW, √v, [√v̂ < ε]), and √b2."""
         n = len(self.params)
         update_l2 = [self._zero] * n
@@ -190,7 +188,7 @@ class TensorStats:
         if self.mode == "copy":
             self._copy_update(update_l2)
         if self.adam:
-            self._adam(update_l2, root_v, below, root_b2)
+            self._adam(update_l2, root_v, below, root_b2, units)
         cols = (self._grad_l2, self._param_l2, update_l2, root_v, below)
         return torch.stack([(c if isinstance(c, Tensor) else torch.stack(c)).to(dtype) for c in cols], dim=1), root_b2
 
@@ -202,7 +200,7 @@ class TensorStats:
             for i, d in zip(chunk, torch._foreach_norm(delta)):
                 update_l2[i] = d
 
-    def _adam(self, update_l2: list[Tensor], root_v: list, below: list, root_b2: list) -> None:
+    def _adam(self, update_l2: list[Tensor], root_v: list, below: list, root_b2: list, units: dict | None) -> None:
         """Per chunk of Adam state: ‖√v‖ and √b2, the count of √v̂ < ε, and (reconstruct) ‖ΔW‖.
 
         √v̂ < ε ⇔ √v < ε·√b2, kept as √count so that it reduces across shards like the norms.  On
@@ -212,8 +210,8 @@ class TensorStats:
         for c in adam_chunks(
             self.optimizer, self.params, self.group_of, self._with_grad, self.chunk_elements, self.host_steps
         ):
-            if self._units_after:
-                c.param_scale = [1.0 / float(self._units_after.get(i, 1.0)) for i in c.index]
+            if units:  # the module holds α'·W': the decay term of ΔW reads W'
+                c.param_scale = [1.0 / float(units.get(i, 1.0)) for i in c.index]
             d = c.sqrt_v()
             counts = below_counts(d, [c.eps * r for r in c.root_b2])
             for i, norm, count, r in zip(c.index, torch._foreach_norm(d), counts, c.root_b2):
@@ -244,13 +242,6 @@ def below_counts(d: list[Tensor], limits: list, batched: bool | None = None) -> 
     torch._foreach_clamp_max_(diff, 0.0)
     torch._foreach_sign_(diff)
     return list(torch._foreach_norm(diff))
-
-
-def _merged(a: dict[int, Any] | None, b: dict[int, Any] | None) -> dict[int, Any]:
-    out = dict(a or {})
-    for i, f in (b or {}).items():
-        out[i] = out[i] * f if i in out else f
-    return out
 
 
 def _multipliers(factors: dict[int, Any], like: Tensor) -> Tensor:

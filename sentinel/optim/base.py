@@ -98,8 +98,14 @@ def scale_grads(ctx: StepContext, index: list[int], factors: list) -> None:
     if ctx.grad_factor is None:
         apply_grad_factors(ctx.params, dict(pairs))
         return
-    for i, f in pairs:
-        ctx.grad_factor[i] = ctx.grad_factor[i] * f if i in ctx.grad_factor else f
+    merge_factors(ctx.grad_factor, dict(pairs))
+
+
+def merge_factors(into: dict[int, Any], factors: dict[int, Any]) -> dict[int, Any]:
+    """Multiply ``factors`` into ``into`` per tensor (in place); returns ``into``."""
+    for i, f in factors.items():
+        into[i] = into[i] * f if i in into else f
+    return into
 
 
 def apply_grad_factors(params: list[Tensor], factors: dict[int, Any]) -> None:

@@ -27,7 +27,7 @@ import logging
 from typing import Any
 
 import sentinel.optim.sharded as sharded
-from sentinel.optim.base import StepContext, Transform, apply_grad_factors
+from sentinel.optim.base import StepContext, Transform, apply_grad_factors, merge_factors
 
 log = logging.getLogger("sentinel")
 
@@ -165,8 +165,7 @@ class Chain:
         if factors and not ctx.skip:
             try:
                 apply_grad_factors(ctx.params, factors)
-                for i, f in factors.items():
-                    ctx.applied[i] = ctx.applied[i] * f if i in ctx.applied else f
+                merge_factors(ctx.applied, factors)
             except Exception:
                 self.errors += 1
                 log.exception("sentinel: scaling gradients failed at step %d", ctx.step)

@@ -195,7 +195,7 @@ class Clamp(Transform):
         if self.adam:
             for c in adam_chunks(self.optimizer, self.params, self.group_of, active, self.chunk_elements):
                 if self._units:  # the module holds α·W: rebuild ΔW of W
-                    c.params = [p / self._units[i] if i in self._units else p for i, p in zip(c.index, c.params)]
+                    c.param_scale = [1.0 / float(self._units.get(i, 1.0)) for i in c.index]
                 self._apply(ctx, c.index, c.neg_update(c.sqrt_v()))
             self._keep_lower_bounds(active)
         elif active:
@@ -208,7 +208,7 @@ class Clamp(Transform):
         if self.adam:
             for c in adam_chunks(self.optimizer, self.params, self.group_of, index, self.chunk_elements):
                 if self._units:  # the module holds α·W: rebuild ΔW of W
-                    c.params = [p / self._units[i] if i in self._units else p for i, p in zip(c.index, c.params)]
+                    c.param_scale = [1.0 / float(self._units.get(i, 1.0)) for i in c.index]
                 yield c.index, c.neg_update(c.sqrt_v())
         elif index:
             yield index, [self._before[i] - local(self.params[i]) for i in index]
