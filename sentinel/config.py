@@ -176,7 +176,7 @@ class OptimConfig:
     eps: EpsConfig = option(EpsConfig, doc="Adam-ε auto-tuning (sentinel/optim/eps.py).")
     clamp: ClampConfig = option(ClampConfig, doc="Update-ratio clamp (sentinel/optim/clamp.py).")
     fused: str = option(
-        "off",
+        "auto",
         choices=("auto", "off"),
         doc="'auto': with WeSaR, ε or the clamp on and torch.optim.Adam/AdamW, sentinel makes the update in one "
         "fused Adam pass (sentinel/optim/fused.py); 'off': the transforms act around the optimizer's own step.",

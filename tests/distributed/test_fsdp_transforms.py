@@ -32,17 +32,18 @@ GUARD_CLIP = {"guard": {"enabled": True, "action": "clip", "z": 1.0, "warmup": 3
 WESAR = {"wesar": {"enabled": True}}
 EPS = {"eps": {"enabled": True, "every": 3}}
 CLAMP = {"clamp": {"enabled": True, "default": 2e-3}}
+HOOK = {"fused": "off"}  # the transforms around torch's own step (the default, 'auto', is the fused pass)
 # name: (optim config, other sentinel config, learning rate).  WeSaR's own init draws every W with
 # σ = 0.006, so lr 1e-2 moves each weight by more than itself per step: there float64 rounding
 # differences (1e-14 after step 0) grow chaotically in any two runs; lr 1e-3 keeps that run tame.
 CONFIGS = {
     "none": ({}, {}, 1e-2),  # no transform: how close the layout's own training is
     "guard": (GUARD_SKIP, {}, 1e-2),
-    "wesar": (WESAR, {}, 1e-2),
-    "wesar_init": ({"wesar": {"enabled": True, "init": "wesar"}}, {}, 1e-3),
-    "eps": (EPS, {}, 1e-2),
-    "clamp": (CLAMP, {}, 1e-2),
-    "all": ({**GUARD_CLIP, **WESAR, **EPS, **CLAMP}, {"stats": {"enabled": True, "every": 2}}, 1e-2),
+    "wesar": ({**WESAR, **HOOK}, {}, 1e-2),
+    "wesar_init": ({"wesar": {"enabled": True, "init": "wesar"}, **HOOK}, {}, 1e-3),
+    "eps": ({**EPS, **HOOK}, {}, 1e-2),
+    "clamp": ({**CLAMP, **HOOK}, {}, 1e-2),
+    "all": ({**GUARD_CLIP, **WESAR, **EPS, **CLAMP, **HOOK}, {"stats": {"enabled": True, "every": 2}}, 1e-2),
     "fused": ({**GUARD_CLIP, **WESAR, **EPS, **CLAMP, "fused": "auto"}, {"stats": {"enabled": True, "every": 2}}, 1e-2),
 }
 ALONE = ["none", "guard", "wesar", "wesar_init", "eps"]
